@@ -1,0 +1,5 @@
+import sys
+
+from distortion.cli import main
+
+sys.exit(main())

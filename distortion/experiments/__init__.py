@@ -1,0 +1,1 @@
+"""Everything that touches torch, data and files: extraction, hypothesis tests, measurement."""
