@@ -126,3 +126,74 @@ def test_measure_last_layer_bad_repeats():
         measure_last_layer(_fake_features(), UniformQuantizer(3, rounding="dither"), repeats=0)
     with pytest.raises(ValueError, match="UniformQuantizer"):
         measure_last_layer(_fake_features(), 4)
+
+
+def _tiny_model_and_data(seed=0, n=64):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from distortion.experiments.data import ImageDataset
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, n)
+    ds = ImageDataset.from_arrays(images, labels, class_names=["a", "b", "c"])
+    return model, ds
+
+
+def test_measure_full_model_on_tiny_network():
+    from distortion.experiments.measure import measure, predict_logits, quantize_model
+
+    model, ds = _tiny_model_and_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = predict_logits(model, ds, batch_size=16, progress=False)
+    assert logits.shape == (len(ds), 3)
+    m16 = measure(model, ds, UniformQuantizer(16), reference_logits=logits, progress=False)
+    assert m16.flip_rate == 0.0 and m16.loss == 0.0
+    assert set(m16.layers) == {"0", "4"}
+    m2 = measure(model, ds, UniformQuantizer(1), layers=["0"], progress=False)
+    assert m2.layers == ("0",) and 0 <= m2.flip_rate <= 1
+    for k, v in model.state_dict().items():  # the float model is untouched
+        assert np.array_equal(v.numpy(), before[k].numpy())
+    # the quantized copy holds exactly the quantizer's values
+    qmodel, qt = quantize_model(model, {"4": UniformQuantizer(3, granularity="channel")})
+    np.testing.assert_array_equal(qmodel[4].weight.detach().numpy(), qt["4"].values.numpy())
+    np.testing.assert_array_equal(
+        qmodel[0].weight.detach().numpy(), model[0].weight.detach().numpy()
+    )
+
+
+def test_measure_last_layer_equals_full_model_with_last_layer():
+    from distortion.experiments.measure import measure
+
+    torch = pytest.importorskip("torch")
+    model, ds = _tiny_model_and_data(1, n=80)
+    x = torch.cat([xb for xb, _ in ds.batches(40)])
+    with torch.no_grad():
+        feats = model[:4](x).numpy()
+    fs = SimpleNamespace(
+        features=feats,
+        labels=ds.labels,
+        W=model[4].weight.detach().numpy(),
+        b=model[4].bias.detach().numpy(),
+    )
+    q = UniformQuantizer(2)
+    a = measure(model, ds, q, layers="last", progress=False)
+    b = measure_last_layer(fs, q)
+    assert a.flip_rate == pytest.approx(b.flip_rate) and a.loss == pytest.approx(b.loss)
+
+
+def test_unknown_layer_is_a_clear_error():
+    from distortion.experiments.measure import quantize_model
+
+    model, _ = _tiny_model_and_data()
+    with pytest.raises(ValueError, match="unknown layer.*quantizable layers are: 0, 4"):
+        quantize_model(model, UniformQuantizer(4), ["conv9"])
