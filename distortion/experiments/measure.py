@@ -313,6 +313,7 @@ def measure_last_layer(
     quantizer: UniformQuantizer,
     *,
     quantize_bias: bool = False,
+    rows: Sequence[int] | None = None,
     repeats: int | None = None,
     seed: int = 0,
     confidence: float = 0.95,
@@ -326,6 +327,9 @@ def measure_last_layer(
     quantizer : UniformQuantizer
     quantize_bias : bool
         Quantize ``b`` too (with the same quantizer, per tensor); by default it stays float.
+    rows : sequence of int, optional
+        Decide among these rows of ``W`` only (a sub-problem such as cat vs dog, whose labels
+        index ``rows``), after quantizing the whole ``W`` as the network would be.
     repeats : int, optional
         Realizations for stochastic rounding and dither (default 10; 1 for nearest).
     seed : int
@@ -342,13 +346,16 @@ def measure_last_layer(
     W = np.asarray(feature_set.W, dtype=np.float64)
     b = np.asarray(feature_set.b, dtype=np.float64)
     labels = np.asarray(feature_set.labels)
-    pred_float = np.argmax(x @ W.T + b, axis=1)
+    keep = np.arange(W.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    if keep.ndim != 1 or keep.size < 2 or keep.min() < 0 or keep.max() >= W.shape[0]:
+        raise ValueError(f"rows must list at least 2 rows of W (0..{W.shape[0] - 1}), got {rows!r}")
+    pred_float = np.argmax(x @ W[keep].T + b[keep], axis=1)
     bias_q = replace(quantizer, granularity="tensor")
     preds = []
     for r in range(repeats):
         Wq = np.asarray(quantizer.quantize(feature_set.W, seed=seed + r).values, np.float64)
         bq = np.asarray(bias_q.quantize(b, seed=seed + r + 7919).values) if quantize_bias else b
-        preds.append(np.argmax(x @ Wq.T + bq, axis=1))
+        preds.append(np.argmax(x @ Wq[keep].T + bq[keep], axis=1))
     return _summarize(quantizer, ("last",), labels, pred_float, preds, confidence)
 
 
