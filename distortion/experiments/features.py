@@ -539,7 +539,7 @@ def extract_features(
         "batch_size": batch_size,
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "cache": "miss" if cache else "off",
         "cache_key": key,
