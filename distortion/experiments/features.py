@@ -222,6 +222,35 @@ class FeatureSet:
             logits=self.logits[idx],
         )
 
+    def split_mask(self, fraction: float, *, seed: int = 0) -> np.ndarray:
+        """Boolean mask of the first part of :meth:`split` (the positions of each part).
+
+        Parameters
+        ----------
+        fraction : float in (0, 1)
+            Share of each class that goes to the first part (rounded per class).
+        seed : int
+            Seed of the random assignment.
+
+        Returns
+        -------
+        ndarray of bool, shape (n_samples,)
+        """
+        if not isinstance(fraction, float | int) or not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        rng = np.random.default_rng(seed)
+        first = np.zeros(len(self), dtype=bool)
+        for k in range(self.n_classes):
+            members = np.flatnonzero(self.labels == k)
+            take = int(round(fraction * len(members)))
+            first[rng.permutation(members)[:take]] = True
+        if first.all() or not first.any():
+            raise ValueError(
+                f"fraction={fraction} leaves one part empty with {len(self)} samples; "
+                "pass a fraction nearer 0.5 or more samples"
+            )
+        return first
+
     def split(self, fraction: float, *, seed: int = 0) -> FeatureSplit:
         """Split the samples in two, stratified by class (e.g. calibration vs evaluation).
 
@@ -237,19 +266,7 @@ class FeatureSet:
         FeatureSplit
             ``(calibration, evaluation)``: two FeatureSets, each in the original order.
         """
-        if not isinstance(fraction, float | int) or not 0 < fraction < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-        rng = np.random.default_rng(seed)
-        first = np.zeros(len(self), dtype=bool)
-        for k in range(self.n_classes):
-            members = np.flatnonzero(self.labels == k)
-            take = int(round(fraction * len(members)))
-            first[rng.permutation(members)[:take]] = True
-        if first.all() or not first.any():
-            raise ValueError(
-                f"fraction={fraction} leaves one part empty with {len(self)} samples; "
-                "pass a fraction nearer 0.5 or more samples"
-            )
+        first = self.split_mask(fraction, seed=seed)
         prov = {**self.provenance, "split": {"fraction": float(fraction), "seed": int(seed)}}
         a = replace(self.select(first), provenance={**prov, "part": "calibration"})
         b = replace(self.select(~first), provenance={**prov, "part": "evaluation"})
