@@ -1,0 +1,159 @@
+"""End-to-end test of `distortion run` on a small configuration, and of its configuration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from distortion.cli import main
+from distortion.experiments.pipeline import ExperimentConfig
+
+SMALL = """
+name = "ci-small"
+[data]
+n = 1000
+[models]
+names = ["resnet20"]
+[quantizer]
+granularity = ["tensor", "channel"]
+[last_layer]
+bits = [3, 5, 8]
+n_realizations = 100
+[all_layers]
+bits = [3, 5, 8]
+n = 150
+[hypotheses]
+bits = [3, 5, 8]
+"""
+
+
+@pytest.fixture(scope="module")
+def small_run(real_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    cfg = d / "small.toml"
+    cfg.write_text(SMALL)
+    out = d / "out"
+    status = main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
+                   str(d / "cache"), "--quiet"])  # fmt: skip
+    assert status == 0
+    return out
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_small_run_outputs_schema_and_sanity(small_run):
+    t = pd.read_csv(small_run / "comparison.csv")
+    # 2 problems x 2 granularities x 3 bits (last layer) + 2 x 3 (all layers)
+    assert len(t) == 12 + 6
+    assert set(t["layers"]) == {"last", "all"}
+    assert set(t["problem"]) == {"10-class", "cat-vs-dog"}
+    rates = [c for c in t.columns if c.endswith("_flip") or c.endswith(("_flip_lo", "_flip_hi"))]
+    for c in rates:
+        v = t[c].dropna()
+        assert ((v >= 0) & (v <= 1)).all(), c
+    assert (t["L3_flip_lo"] <= t["L3_flip_hi"]).all()  # bands ordered
+    # the band is of a count of flips: the mean rate lies within it, up to one image
+    assert (t["L3_flip_lo"] <= t["L3_flip"] + 1e-12).all()
+    assert (t["L3_flip"] <= t["L3_flip_hi"] + 1.0 / t["n_eval"]).all()
+    assert (t["measured_flip_lo"] <= t["measured_flip"]).all()
+    assert (t["measured_flip"] <= t["measured_flip_hi"]).all()
+    assert (t["measured_loss_lo"] <= t["measured_loss"]).all()
+    assert (t["measured_loss"] <= t["measured_loss_hi"]).all()
+    assert (t["sakr_flip_bound"] >= 0).all() and (t["hawq_v2"] >= 0).all()
+    last = t[t["layers"] == "last"]
+    assert last[["L1_flip", "L2_flip", "L3_flip"]].notna().all().all()
+    # more bits, fewer flips: the measured and predicted flip rates fall from 3 to 8 bits
+    for _, g in t.groupby(["problem", "layers", "granularity"]):
+        g = g.sort_values("bits")
+        assert g["L3_flip"].iloc[-1] < g["L3_flip"].iloc[0]
+        assert g["measured_flip"].iloc[-1] <= g["measured_flip"].iloc[0]
+    # float accuracy of ResNet-20 on the first 1000 images
+    meta = json.loads((small_run / "run.json").read_text())
+    assert 0.88 < meta["accuracies"]["resnet20"] < 0.96
+    assert (small_run / "summary.txt").read_text().startswith("float accuracy: resnet20")
+    assert (small_run / "hypotheses" / "resnet20" / "hypotheses_uniform.csv").is_file()
+    s = pd.read_csv(small_run / "comparison_summary.csv")
+    assert {"cells", "L3_flip_in_band", "L3_flip_abs_error"} <= set(s.columns)
+    assert list((small_run / "figures").glob("*.png"))
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_rerun_uses_the_caches_and_compare_prints(small_run, capsys):
+    cfg = small_run.parent / "small.toml"
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["run", "--config", str(cfg), "--out", str(small_run), "--cache-dir",
+                 str(small_run.parent / "cache"), "--quiet", "--no-figures"]) == 0  # fmt: skip
+    meta = json.loads((small_run / "run.json").read_text())
+    extraction = [v for k, v in meta["timings_s"].items() if "extract" in k]
+    assert extraction and extraction[0] < 5.0, meta["timings_s"]  # served from the cache
+    assert time.perf_counter() - t0 < 600
+    capsys.readouterr()
+    assert main(["compare", str(small_run), "--layers", "last", "--problem", "cat-vs-dog"]) == 0
+    out = capsys.readouterr().out
+    assert "measured_flip" in out and "cat-vs-dog" in out
+    assert main(["compare", str(small_run), "--model", "resnet99"]) == 2
+    assert "no cells with model='resnet99'" in capsys.readouterr().err
+
+
+def test_config_defaults_match_the_default_file():
+    from distortion.experiments.pipeline import DEFAULT_CONFIG
+
+    cfg = ExperimentConfig.from_toml(DEFAULT_CONFIG)
+    assert cfg.models == ("resnet20", "resnet56")
+    assert cfg.last_layer_bits == tuple(range(2, 9))
+    assert [p.name for p in cfg.problems] == ["10-class", "cat-vs-dog"]
+    assert cfg.problems[1].classes == ("cat", "dog")
+    assert cfg.granularity == ("tensor", "channel")
+    assert len(cfg.quantizers(cfg.last_layer_bits)) == 14
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[data]\nfit_fraction = 1.5", "fit_fraction"),
+        ("[last_layer]\nbits = [0, 3]", "bit-widths in 1..16"),
+        ("[models]\nnames = []", "at least one model"),
+        ("[data]\nsourse = 'x'", r"unknown configuration key\(s\): data.sourse"),
+        ("[quantizr]\nbits = 3", "unknown configuration key"),
+        ("name = ", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, text, match):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        ExperimentConfig.from_toml(p)
+
+
+def test_cli_reports_missing_config_and_failed_stage(tmp_path, capsys, monkeypatch):
+    assert main(["run", "--config", str(tmp_path / "none.toml")]) == 2
+    assert "no configuration file" in capsys.readouterr().err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\nsource = "nowhere/test.npz"\n[models]\nnames = ["resnet20"]\n')
+    monkeypatch.setenv("DISTORTION_DATA", str(tmp_path))
+    status = main(["run", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "stage 'load data' failed" in err and "--data" in err
+    assert main(["run", "--weights", "resnet20", "--config", str(cfg)]) == 2
+    assert "MODEL=FILE" in capsys.readouterr().err
+
+
+def test_summary_table_formats_rates_in_points():
+    from distortion.experiments.compare import Comparison
+    from distortion.experiments.pipeline import summary_table
+
+    t = pd.DataFrame({
+        "model": ["m"] * 2, "problem": ["p"] * 2, "layers": ["last"] * 2,
+        "granularity": ["tensor"] * 2, "bits": [3, 4], "L3_flip_abs_error": [0.01, 0.03],
+        "L3_flip_in_band": [True, False],
+    })  # fmt: skip
+    text = summary_table(Comparison(t), {"m": 0.9})
+    assert "m 90.00 %" in text and "2.00" in text and "50 %" in text
+    assert np.isclose(Comparison(t).summary()["L3_flip_in_band"].iloc[0], 0.5)
