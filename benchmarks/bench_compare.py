@@ -66,7 +66,9 @@ def main() -> None:
     ]
     t_measure = time.perf_counter() - t0
 
-    err = np.array([abs(p.flip_rate - m.flip_rate) for p, m in zip(predictions, measured, strict=True)])
+    err = np.array(
+        [abs(p.flip_rate - m.flip_rate) for p, m in zip(predictions, measured, strict=True)]
+    )
     inside = np.array(
         [p.flip_band().low <= m.flip_rate <= p.flip_band().high
          for p, m in zip(predictions, measured, strict=True)]
