@@ -308,6 +308,18 @@ def _hawq_last_layer(x: np.ndarray, W: np.ndarray, b: np.ndarray, error: np.ndar
     return float(hawq_v2_sensitivity(trace, [float(np.sum(error**2))]).omega[0])
 
 
+def _first_images(data: Any, n: int) -> Any:
+    """The first ``n`` images of an in-memory ImageDataset (all of them if fewer)."""
+    if len(data) <= n or getattr(data, "images", None) is None:
+        return data
+    from distortion.experiments.data import ImageDataset
+
+    return ImageDataset.from_arrays(
+        data.images[:n], data.labels[:n], class_names=data.class_names,
+        preprocessing=data.preprocessing, name=f"{data.dataset_id}[:{n}]",
+    )  # fmt: skip
+
+
 def first_order_actual_flips(
     model: Any, data: Any, quantized: dict[str, Any], *, batch_size: int = 250
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -357,7 +369,8 @@ def compare_all_layers(
     layers: str | Sequence[str] = "all",
     cache_dir: Any = None,
     n_realizations: int = 40,
-    hessian_draws: int = 16,
+    hessian_draws: int = 8,
+    hessian_n: int = 500,
     seed: int = 0,
     progress: bool = True,
 ) -> Comparison:
@@ -379,6 +392,9 @@ def compare_all_layers(
         Error realizations cached with the Grams, for the level-3 band.
     hessian_draws : int
         Rademacher draws of the Hutchinson trace (HAWQ-V2).
+    hessian_n : int
+        Images of the Hutchinson trace (the first ones of ``data``); each draw costs a
+        double back-propagation over them, the dominant cost of this function otherwise.
     seed : int
     progress : bool
 
@@ -403,7 +419,7 @@ def compare_all_layers(
     )  # fmt: skip
     names = list(grams.layer_names)
     trace = hessian_trace(
-        model, data, layers=names, n_draws=hessian_draws, seed=seed, cache_dir=cache_dir,
+        model, _first_images(data, hessian_n), layers=names, n_draws=hessian_draws, seed=seed, cache_dir=cache_dir,
         progress=progress,
     )  # fmt: skip
     logits = predict_logits(model, data, progress=progress, desc="float")
