@@ -419,8 +419,8 @@ def compare_all_layers(
     )  # fmt: skip
     names = list(grams.layer_names)
     trace = hessian_trace(
-        model, _first_images(data, hessian_n), layers=names, n_draws=hessian_draws, seed=seed, cache_dir=cache_dir,
-        progress=progress,
+        model, _first_images(data, hessian_n), layers=names, n_draws=hessian_draws, seed=seed,
+        cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
     logits = predict_logits(model, data, progress=progress, desc="float")
     labels = np.asarray(data.labels)
