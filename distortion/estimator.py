@@ -1,0 +1,742 @@
+r"""AccuracyLossEstimator: predicted accuracy loss of a quantized network, per bit-width.
+
+A scikit-learn-like object. Fit it once, then ask for predictions:
+
+* :meth:`AccuracyLossEstimator.fit` — the last layer only, from a
+  :class:`~distortion.experiments.features.FeatureSet` (penultimate features, labels,
+  ``W``, ``b``): level 3 of ``ARCHITECTURE.md`` (empirical features, uniform error H_U),
+  :func:`distortion.theory.multiclass.semiparametric_distortion`;
+* :meth:`AccuracyLossEstimator.fit_model` — several layers of a network, from per-sample
+  Gram matrices of the logit Jacobians (computed and cached by
+  :func:`distortion.experiments.sensitivity.gradient_grams`): the first-order model
+  "3L" of :mod:`distortion.theory.multilayer`.
+
+Then :meth:`~AccuracyLossEstimator.predict` gives, per bit-width, the predicted flip rate
+and accuracy loss with the band of one realization of the error;
+:meth:`~AccuracyLossEstimator.min_bits` the smallest bit-width within a loss budget; and
+:meth:`~AccuracyLossEstimator.allocate` a mixed-precision allocation under a size budget
+(exact knapsack over the additive per-layer model, eq. L13-L14 of
+``theory/multilayer.md``), re-evaluated with the full closed form.
+
+This module imports neither torch nor matplotlib at import time.
+
+Examples
+--------
+>>> from distortion import AccuracyLossEstimator, UniformQuantizer  # doctest: +SKIP
+>>> est = AccuracyLossEstimator(UniformQuantizer(4)).fit_model(model, dataset)  # doctest: +SKIP
+>>> est.predict(bits=range(2, 9)).to_frame()  # doctest: +SKIP
+>>> est.allocate(avg_bits=4).to_frame()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from distortion.quantize import UniformQuantizer
+from distortion.theory.multilayer import (
+    GradientGrams,
+    LayerContributions,
+    MultilayerDistortion,
+    knapsack_allocation,
+    layer_contributions,
+    multilayer_distortion,
+)
+
+__all__ = ["AccuracyLossEstimator", "AccuracyLossPrediction", "BitAllocation"]
+
+Objective = Literal["flip_rate", "accuracy_loss"]
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class AccuracyLossPrediction:
+    r"""Predicted flip rate and accuracy loss of a quantized network, per bit-width.
+
+    Attributes
+    ----------
+    bits : array of shape (B,)
+    flip_rate : array of shape (B,)
+        Expected fraction of changed decisions.
+    flip_rate_low, flip_rate_high : arrays of shape (B,)
+        Prediction band of the flip rate of one realization of the error.
+    accuracy_float : float
+    accuracy_quantized : array of shape (B,)
+    accuracy_loss : array of shape (B,)
+        ``accuracy_float - accuracy_quantized``.
+    accuracy_loss_low, accuracy_loss_high : arrays of shape (B,)
+        Prediction band of the accuracy loss of one realization.
+    level : str
+        What produced it: ``"3"`` (last layer, empirical features, H_U) or ``"3L"``
+        (several layers, first-order propagation, empirical inputs, H_U).
+    method : str
+        Orthant method (``"radial"``, ``"independent"``, ``"union"``) or ``"gauss-hermite"``.
+    layers : tuple of str
+        The quantized layers.
+    quantizer : UniformQuantizer
+        The quantizer (its ``bits`` replaced by each entry of ``bits``).
+    n_samples : int
+    coverage : float
+        Nominal coverage of the bands.
+    """
+
+    bits: np.ndarray  # (B,)
+    flip_rate: np.ndarray  # (B,)
+    flip_rate_low: np.ndarray  # (B,)
+    flip_rate_high: np.ndarray  # (B,)
+    accuracy_float: float
+    accuracy_quantized: np.ndarray  # (B,)
+    accuracy_loss: np.ndarray  # (B,)
+    accuracy_loss_low: np.ndarray  # (B,)
+    accuracy_loss_high: np.ndarray  # (B,)
+    level: str
+    method: str
+    layers: tuple[str, ...] = field(repr=False)
+    quantizer: UniformQuantizer = field(repr=False, default=None)
+    n_samples: int = 0
+    coverage: float = 0.95
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per bit-width."""
+        q = self.quantizer
+        return pd.DataFrame(
+            {
+                "bits": self.bits,
+                "flip_rate": self.flip_rate,
+                "flip_rate_low": self.flip_rate_low,
+                "flip_rate_high": self.flip_rate_high,
+                "accuracy_float": self.accuracy_float,
+                "accuracy_quantized": self.accuracy_quantized,
+                "accuracy_loss": self.accuracy_loss,
+                "accuracy_loss_low": self.accuracy_loss_low,
+                "accuracy_loss_high": self.accuracy_loss_high,
+                "level": self.level,
+                "method": self.method,
+                "n_layers": len(self.layers),
+                "granularity": None if q is None else q.granularity,
+                "scheme": None if q is None else q.scheme,
+                "n_samples": self.n_samples,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class BitAllocation:
+    r"""A mixed-precision allocation and its predicted effect.
+
+    Attributes
+    ----------
+    layer_names : tuple of str, length L
+    bits : array of shape (L,)
+        Bits of each layer.
+    n_weights : array of shape (L,)
+    budget_bits : int
+        The size budget (bits over the quantized weights).
+    total_bits : int
+        :math:`\sum_\ell n_\ell b_\ell \le` ``budget_bits``.
+    objective : str
+        ``"flip_rate"`` or ``"accuracy_loss"``: what the knapsack minimized.
+    surrogate : float
+        The additive surrogate :math:`\sum_\ell f_\ell(b_\ell)` at the optimum (eq. L13).
+    flip_rate, accuracy_loss : float
+        The allocation re-evaluated with the full closed form (eq. L6-L7).
+    prediction : MultilayerDistortion
+        That evaluation (bands included when realizations are cached).
+    contributions : LayerContributions
+        The per-layer terms :math:`f_\ell(b)` the knapsack used.
+    """
+
+    layer_names: tuple[str, ...]  # (L,)
+    bits: np.ndarray  # (L,)
+    n_weights: np.ndarray  # (L,)
+    budget_bits: int
+    total_bits: int
+    objective: str
+    surrogate: float
+    flip_rate: float
+    accuracy_loss: float
+    prediction: MultilayerDistortion = field(repr=False, default=None)
+    contributions: LayerContributions = field(repr=False, default=None)
+
+    def avg_bits(self) -> float:
+        """Average bits per weight of the allocation."""
+        return self.total_bits / float(self.n_weights.sum())
+
+    def as_dict(self) -> dict[str, int]:
+        """``{layer name: bits}`` (what :meth:`AccuracyLossEstimator.predict_allocation` takes)."""
+        return {n: int(b) for n, b in zip(self.layer_names, self.bits, strict=True)}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: weights, bits, and its additive-model term at those bits."""
+        contrib = np.full(len(self.layer_names), np.nan)
+        if self.contributions is not None:
+            c = self.contributions
+            table = c.flip_rate if self.objective == "flip_rate" else c.accuracy_loss
+            col = {int(b): i for i, b in enumerate(c.bits)}
+            contrib = np.array([table[i, col[int(b)]] for i, b in enumerate(self.bits)])
+        return pd.DataFrame(
+            {
+                "layer": list(self.layer_names),
+                "n_weights": self.n_weights,
+                "bits": self.bits,
+                "contribution": contrib,
+            }
+        )
+
+
+# ----------------------------------------------------------------------------- estimator
+def _check_bits_list(bits: Iterable[int] | int, name: str = "bits") -> np.ndarray:
+    if isinstance(bits, int | np.integer):
+        bits = [int(bits)]
+    try:
+        arr = np.array(sorted({int(b) for b in bits}), dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be integers in 1..16, got {bits!r}") from None
+    if arr.size == 0 or arr.min() < 1 or arr.max() > 16:
+        raise ValueError(f"{name} must be a non-empty set of integers in 1..16, got {bits!r}")
+    return arr
+
+
+def _error_variance_factor(q: UniformQuantizer) -> float:
+    r"""Error variance over :math:`\Delta^2`: 1/12 (nearest, dither), 1/6 (stochastic)."""
+    return 1.0 / 6.0 if q.rounding == "stochastic" else 1.0 / 12.0
+
+
+class AccuracyLossEstimator:
+    r"""Predict the accuracy loss of a network whose weights are quantized.
+
+    Parameters
+    ----------
+    quantizer : UniformQuantizer, optional
+        Scheme, granularity and clipping of the quantizer (its ``bits`` is the default
+        bit-width). Default ``UniformQuantizer(8)`` (symmetric, per tensor, max, nearest).
+    layers : "all", "last" or sequence of str
+        Layers :meth:`fit_model` analyses (and quantizes in :meth:`predict`).
+    method : {"radial", "independent", "union"}
+        Orthant method of the multi-layer model (see
+        :func:`distortion.theory.multilayer.orthant_flip`).
+    error_variance : {"uniform", "empirical"}
+        :math:`\sigma^2` of each layer's error: :math:`\Delta^2/12` (H_U, default), or the
+        actual mean square :math:`\|Q(W) - W\|^2/n` of the quantized weights (per tensor or
+        per channel), which accounts for the occupancy of the zero bin and for clipping.
+    coverage : float
+        Nominal coverage of the one-realization bands.
+    n_realizations : int
+        Error realizations behind the bands (>= 39 for a 95 % band; 0: no band).
+    n_rotations : int
+        Direction sets of the radial method.
+    seed : int
+        Seeds the realizations and the radial directions.
+    cache_dir : path, optional
+        Where :meth:`fit_model` caches the Gram matrices.
+    device : str
+        Device of :meth:`fit_model`.
+    batch_size : int, optional
+        Batch size of :meth:`fit_model` (default: from a memory budget).
+    progress : bool
+        Progress bars in :meth:`fit_model`.
+
+    Attributes
+    ----------
+    grams_ : GradientGrams
+        After :meth:`fit_model` / :meth:`fit_grams`.
+    features_, labels_, W_, b_ : arrays
+        After :meth:`fit`.
+    level_ : str
+        ``"3"`` (after :meth:`fit`) or ``"3L"`` (after :meth:`fit_model`).
+
+    Notes
+    -----
+    The error of a b-bit layer has variance :math:`\sigma^2 = \Delta^2/12` under H_U
+    (nearest rounding or dither; :math:`\Delta^2/6` for stochastic rounding, whose error
+    variance is :math:`\Delta^2 p(1-p)` with :math:`p` uniform), where the step
+    :math:`\Delta` is computed from the actual weights by the quantizer, per tensor or per
+    output channel.
+    """
+
+    def __init__(
+        self,
+        quantizer: UniformQuantizer | None = None,
+        *,
+        layers: str | Sequence[str] = "all",
+        method: Literal["radial", "independent", "union"] = "radial",
+        error_variance: Literal["uniform", "empirical"] = "uniform",
+        coverage: float = 0.95,
+        n_realizations: int = 40,
+        n_rotations: int = 4,
+        seed: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        device: str = "cpu",
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if quantizer is None:
+            quantizer = UniformQuantizer(8)
+        if not isinstance(quantizer, UniformQuantizer):
+            raise ValueError(
+                f"quantizer must be a UniformQuantizer, got {type(quantizer).__name__}"
+            )
+        if method not in ("radial", "independent", "union"):
+            raise ValueError(
+                f"method must be one of 'radial', 'independent', 'union', got {method!r}"
+            )
+        if error_variance not in ("uniform", "empirical"):
+            raise ValueError(
+                f"error_variance must be 'uniform' or 'empirical', got {error_variance!r}"
+            )
+        if not 0 < coverage < 1:
+            raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
+        if not isinstance(n_realizations, int) or n_realizations < 0:
+            raise ValueError(f"n_realizations must be an integer >= 0, got {n_realizations!r}")
+        self.quantizer = quantizer
+        self.layers = layers
+        self.method = method
+        self.error_variance = error_variance
+        self.coverage = coverage
+        self.n_realizations = n_realizations
+        self.n_rotations = n_rotations
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.device = device
+        self.batch_size = batch_size
+        self.progress = progress
+        self._steps: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        fitted = getattr(self, "level_", None)
+        return (
+            f"AccuracyLossEstimator(quantizer={self.quantizer!r}, method={self.method!r}, "
+            f"fitted={'level ' + fitted if fitted else 'no'})"
+        )
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, feature_set: Any, labels: np.ndarray | None = None) -> AccuracyLossEstimator:
+        """Fit the last-layer model (level 3) on penultimate features.
+
+        Parameters
+        ----------
+        feature_set : FeatureSet
+            Or any object with ``features`` (N, d), ``W`` (K, d), ``b`` (K,) and
+            ``labels`` (N,) attributes.
+        labels : array of shape (N,), optional
+            Overrides ``feature_set.labels``.
+
+        Returns
+        -------
+        self
+        """
+        missing = [a for a in ("features", "W") if not hasattr(feature_set, a)]
+        if missing:
+            raise ValueError(
+                f"feature_set must be a FeatureSet (missing {missing}); extract one with "
+                "distortion.experiments.features.extract_features, or use fit_model"
+            )
+        x = np.asarray(feature_set.features, dtype=np.float64)
+        w = np.asarray(feature_set.W, dtype=np.float64)
+        b = getattr(feature_set, "b", None)
+        b = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64)
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(
+                f"features {x.shape} and W {w.shape} must be (N, d) and (K, d) with the same d"
+            )
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"b must have shape ({w.shape[0]},) (one per row of W), got {b.shape}")
+        y = labels if labels is not None else getattr(feature_set, "labels", None)
+        if y is not None:
+            y = np.asarray(y)
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+            if y.size and (y.min() < 0 or y.max() >= w.shape[0]):
+                raise ValueError(
+                    f"labels must lie in 0..{w.shape[0] - 1}: K mismatch between the labels "
+                    f"(max {int(y.max())}) and W ({w.shape[0]} rows)"
+                )
+            y = y.astype(np.int64)
+        logits = getattr(feature_set, "logits", None)
+        if logits is not None and np.shape(logits)[1:] != (w.shape[0],):
+            raise ValueError(
+                f"K mismatch: the logits have {np.shape(logits)[1]} classes but W has "
+                f"{w.shape[0]} rows"
+            )
+        self.features_, self.W_, self.b_, self.labels_ = x, w, b, y
+        self.level_ = "3"
+        self.layers_ = ("last",)
+        self.grams_ = None
+        self._steps = {}
+        return self
+
+    def fit_model(
+        self,
+        model: Any,
+        dataset: Any,
+        *,
+        layers: str | Sequence[str] | None = None,
+        granularity: Literal["tensor", "channel"] | None = None,
+    ) -> AccuracyLossEstimator:
+        """Fit the multi-layer model: per-sample Gram matrices of the logit Jacobians.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+        dataset : ImageDataset or (x, y)
+            The samples the prediction is about (labels give the accuracy).
+        layers : "all", "last" or sequence of str, optional
+            Default: the ``layers`` given to the constructor.
+        granularity : {"tensor", "channel"}, optional
+            Default: the quantizer's.
+
+        Returns
+        -------
+        self
+        """
+        from distortion.experiments.sensitivity import gradient_grams
+
+        grams = gradient_grams(
+            model,
+            dataset,
+            layers=self.layers if layers is None else layers,
+            granularity=granularity or self.quantizer.granularity,
+            n_realizations=self.n_realizations,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            device=self.device,
+            cache_dir=self.cache_dir,
+            progress=self.progress,
+        )
+        return self.fit_grams(grams)
+
+    def fit_grams(self, grams: GradientGrams) -> AccuracyLossEstimator:
+        """Fit the multi-layer model from already computed :class:`GradientGrams`."""
+        if not isinstance(grams, GradientGrams):
+            raise ValueError(f"grams must be a GradientGrams, got {type(grams).__name__}")
+        if grams.weights is None:
+            raise ValueError("grams must hold the layers' weights (to compute the steps)")
+        self.grams_ = grams
+        self.level_ = "3L"
+        self.layers_ = grams.layer_names
+        self.features_ = self.W_ = self.b_ = self.labels_ = None
+        self._steps = {}
+        return self
+
+    def _check_fitted(self, multilayer: bool = False) -> None:
+        if getattr(self, "level_", None) is None:
+            raise ValueError("the estimator is not fitted: call fit(feature_set) or fit_model")
+        if multilayer and self.level_ != "3L":
+            raise ValueError(
+                "this needs the multi-layer model: call fit_model(model, dataset) first"
+            )
+
+    # -- steps --------------------------------------------------------------------------
+    def _step(self, li: int, q: UniformQuantizer) -> np.ndarray:
+        key = (li, q)
+        if key not in self._steps:
+            w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
+            self._steps[key] = np.asarray(q.qparams(w).step, dtype=np.float64)
+        return self._steps[key]
+
+    def layer_steps(self, allocation: Mapping[str, int], quantizer=None) -> list[np.ndarray | None]:
+        r"""Quantization steps :math:`\Delta_\ell` (None for float layers) of an allocation."""
+        self._check_fitted(multilayer=True)
+        q = self._quantizer(quantizer)
+        bits = self._allocation_bits(allocation)
+        return [None if b == 0 else self._step(i, q.with_bits(int(b))) for i, b in enumerate(bits)]
+
+    def _variance(self, li: int, q: UniformQuantizer) -> np.ndarray:
+        r"""Error variance of layer ``li`` under ``q``: () per tensor, (C,) per channel."""
+        key = ("var", li, q, self.error_variance)
+        if key not in self._steps:
+            if self.error_variance == "uniform":
+                v = _error_variance_factor(q) * self._step(li, q) ** 2  # (eq. L4)
+            else:
+                w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
+                err = np.asarray(q.quantize(w, seed=self.seed).error, dtype=np.float64)
+                if q.granularity == "channel":
+                    v = np.mean(err.reshape(err.shape[0], -1) ** 2, axis=1)
+                else:
+                    v = np.asarray(np.mean(err**2))
+            self._steps[key] = v
+        return self._steps[key]
+
+    def _variances(self, bits: np.ndarray, q: UniformQuantizer) -> list[Any]:
+        return [
+            0.0 if b == 0 else self._variance(i, q.with_bits(int(b))) for i, b in enumerate(bits)
+        ]
+
+    def _quantizer(self, quantizer: UniformQuantizer | None) -> UniformQuantizer:
+        q = self.quantizer if quantizer is None else quantizer
+        if not isinstance(q, UniformQuantizer):
+            raise ValueError(f"quantizer must be a UniformQuantizer, got {type(q).__name__}")
+        if self.level_ == "3L" and q.granularity == "channel" and self.grams_.channel_grams is None:
+            raise ValueError(
+                "a per-channel quantizer needs per-channel Grams: refit with "
+                "fit_model(..., granularity='channel')"
+            )
+        return q
+
+    def _allocation_bits(self, allocation: Mapping[str, int] | BitAllocation) -> np.ndarray:
+        if isinstance(allocation, BitAllocation):
+            allocation = allocation.as_dict()
+        if not isinstance(allocation, Mapping):
+            raise ValueError(
+                f"allocation must map layer names to bits, got {type(allocation).__name__}"
+            )
+        g = self.grams_
+        bits = np.zeros(g.n_layers, dtype=np.int64)
+        for name, b in allocation.items():
+            li = g.layer_index(name)  # ValueError for an unknown layer
+            if b is None:
+                continue
+            if isinstance(b, bool) or not isinstance(b, int | np.integer) or not 1 <= b <= 16:
+                raise ValueError(f"bits of layer {name!r} must be an integer in 1..16, got {b!r}")
+            bits[li] = int(b)
+        return bits
+
+    # -- prediction ---------------------------------------------------------------------
+    def predict_allocation(
+        self,
+        allocation: Mapping[str, int] | BitAllocation,
+        *,
+        quantizer: UniformQuantizer | None = None,
+        band: bool = True,
+    ) -> MultilayerDistortion:
+        """Closed-form prediction for one bit allocation (layers absent stay in float).
+
+        Parameters
+        ----------
+        allocation : mapping of layer name to bits, or BitAllocation
+        quantizer : UniformQuantizer, optional
+            Scheme, granularity, clipping and rounding (its bits are ignored).
+        band : bool
+            Also the band of one realization (needs cached realizations).
+
+        Returns
+        -------
+        MultilayerDistortion
+        """
+        self._check_fitted(multilayer=True)
+        q = self._quantizer(quantizer)
+        bits = self._allocation_bits(allocation)
+        return multilayer_distortion(
+            self.grams_,
+            self._variances(bits, q),
+            method=self.method,
+            n_rotations=self.n_rotations,
+            seed=self.seed,
+            band=band and self.grams_.projections is not None,
+            coverage=self.coverage,
+        )
+
+    def predict(
+        self,
+        bits: Iterable[int] | int = range(1, 9),
+        *,
+        quantizer: UniformQuantizer | None = None,
+    ) -> AccuracyLossPrediction:
+        """Predicted flip rate and accuracy loss with every fitted layer at each bit-width.
+
+        Parameters
+        ----------
+        bits : iterable of int or int
+            Bit-widths, 1..16.
+        quantizer : UniformQuantizer, optional
+            Default: the constructor's (its ``bits`` replaced by each bit-width).
+
+        Returns
+        -------
+        AccuracyLossPrediction
+        """
+        self._check_fitted()
+        b_arr = _check_bits_list(bits)
+        q = self._quantizer(quantizer)
+        rows = [self._predict_one(int(b), q) for b in b_arr]
+        cols = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        acc_f = float(cols.pop("accuracy_float")[0])
+        return AccuracyLossPrediction(
+            bits=b_arr,
+            accuracy_float=acc_f,
+            level=self.level_,
+            method="gauss-hermite" if self.level_ == "3" else self.method,
+            layers=tuple(self.layers_),
+            quantizer=q,
+            n_samples=self._n_samples(),
+            coverage=float(self.coverage),
+            **cols,
+        )
+
+    def _n_samples(self) -> int:
+        return self.grams_.n_samples if self.level_ == "3L" else self.features_.shape[0]
+
+    def _predict_one(self, b: int, q: UniformQuantizer) -> dict[str, float]:
+        if self.level_ == "3L":
+            r = self.predict_allocation(dict.fromkeys(self.grams_.layer_names, b), quantizer=q)
+            fb, lb = r.flip_band(), r.accuracy_loss_band()
+            return {
+                "flip_rate": r.flip_rate, "flip_rate_low": fb.low, "flip_rate_high": fb.high,
+                "accuracy_float": r.accuracy_float, "accuracy_quantized": r.accuracy_quantized,
+                "accuracy_loss": r.accuracy_loss, "accuracy_loss_low": lb.low,
+                "accuracy_loss_high": lb.high,
+            }  # fmt: skip
+        from distortion.theory.multiclass import semiparametric_distortion
+
+        step = np.sqrt(12.0 * self._variance(0, q.with_bits(b)))  # the uniform-equivalent step
+        n_real = self.n_realizations
+        r3 = semiparametric_distortion(
+            self.features_, self.W_, self.b_, step=step, labels=self.labels_,
+            n_realizations=n_real, coverage=self.coverage, seed=self.seed,
+        )  # fmt: skip
+        nan = float("nan")
+        fb = r3.flip_band() if n_real else (nan, nan)
+        lb = r3.accuracy_loss_band() if n_real and self.labels_ is not None else (nan, nan)
+        return {
+            "flip_rate": r3.flip_rate, "flip_rate_low": fb[0], "flip_rate_high": fb[1],
+            "accuracy_float": r3.accuracy_float, "accuracy_quantized": r3.accuracy_quantized,
+            "accuracy_loss": r3.accuracy_loss, "accuracy_loss_low": lb[0],
+            "accuracy_loss_high": lb[1],
+        }  # fmt: skip
+
+    def min_bits(
+        self,
+        max_loss: float = 0.005,
+        *,
+        bits: Iterable[int] = range(1, 17),
+        quantizer: UniformQuantizer | None = None,
+        criterion: Literal["mean", "band"] = "mean",
+    ) -> int:
+        """Smallest bit-width whose predicted accuracy loss is at most ``max_loss``.
+
+        Parameters
+        ----------
+        max_loss : float
+            Largest acceptable accuracy loss (a fraction, e.g. 0.005 = 0.5 point).
+        bits : iterable of int
+            Candidate bit-widths.
+        quantizer : UniformQuantizer, optional
+        criterion : {"mean", "band"}
+            Compare the expected loss, or the upper end of the one-realization band.
+
+        Raises
+        ------
+        ValueError
+            No candidate meets the budget, or the loss is unknown (no labels).
+        """
+        if not np.isfinite(max_loss) or max_loss < 0:
+            raise ValueError(f"max_loss must be a finite number >= 0, got {max_loss!r}")
+        if criterion not in ("mean", "band"):
+            raise ValueError(f"criterion must be 'mean' or 'band', got {criterion!r}")
+        pred = self.predict(bits, quantizer=quantizer)
+        loss = pred.accuracy_loss if criterion == "mean" else pred.accuracy_loss_high
+        if np.all(np.isnan(loss)):
+            raise ValueError(
+                "the accuracy loss is unknown (no labels, or no band): fit with labels"
+            )
+        ok = np.flatnonzero(loss <= max_loss)
+        if ok.size == 0:
+            raise ValueError(
+                f"no bit-width in {pred.bits.tolist()} has a predicted loss <= {max_loss} "
+                f"(smallest: {np.nanmin(loss):.4g} at {int(pred.bits[np.nanargmin(loss)])} bits)"
+            )
+        return int(pred.bits[ok[0]])
+
+    # -- mixed precision ----------------------------------------------------------------
+    def layer_contributions(
+        self,
+        bits: Iterable[int] = range(2, 9),
+        *,
+        quantizer: UniformQuantizer | None = None,
+    ) -> LayerContributions:
+        """Predicted flip rate and accuracy loss of each layer quantized alone (eq. L13)."""
+        self._check_fitted(multilayer=True)
+        q = self._quantizer(quantizer)
+        b_arr = _check_bits_list(bits)
+        table = [
+            [self._variance(li, q.with_bits(int(b))) for b in b_arr]
+            for li in range(self.grams_.n_layers)
+        ]
+        return layer_contributions(
+            self.grams_, table, b_arr,
+            method=self.method, n_rotations=self.n_rotations, seed=self.seed,
+        )  # fmt: skip
+
+    def allocate(
+        self,
+        budget: int | None = None,
+        *,
+        avg_bits: float | None = None,
+        bits: Iterable[int] = range(2, 9),
+        objective: Objective = "flip_rate",
+        quantizer: UniformQuantizer | None = None,
+    ) -> BitAllocation:
+        r"""Mixed-precision bits per layer that minimize the predicted loss under a size budget.
+
+        Parameters
+        ----------
+        budget : int, optional
+            Largest total size of the quantized weights, in bits.
+        avg_bits : float, optional
+            Or the largest average bits per weight (exactly one of the two).
+        bits : iterable of int
+            Allowed bit-widths of each layer.
+        objective : {"flip_rate", "accuracy_loss"}
+            What the additive per-layer model sums.
+        quantizer : UniformQuantizer, optional
+
+        Returns
+        -------
+        BitAllocation
+
+        Notes
+        -----
+        The knapsack minimizes the additive surrogate
+        :math:`\sum_\ell f_\ell(b_\ell)`, with :math:`f_\ell(b)` the predicted flip rate of
+        layer :math:`\ell` alone at b bits (eq. L13), under
+        :math:`\sum_\ell n_\ell b_\ell \le` budget, exactly by dynamic programming
+        (eq. L14); the allocation is then re-evaluated with the full closed form.
+        """
+        self._check_fitted(multilayer=True)
+        if objective not in ("flip_rate", "accuracy_loss"):
+            raise ValueError(f"objective must be 'flip_rate' or 'accuracy_loss', got {objective!r}")
+        if objective == "accuracy_loss" and self.grams_.labels is None:
+            raise ValueError("objective='accuracy_loss' needs labels; use objective='flip_rate'")
+        n_w = self.grams_.layer_sizes()
+        if (budget is None) == (avg_bits is None):
+            raise ValueError("pass exactly one of budget (total bits) and avg_bits")
+        if avg_bits is not None:
+            if not np.isfinite(avg_bits) or avg_bits <= 0:
+                raise ValueError(f"avg_bits must be a positive number, got {avg_bits!r}")
+            budget = int(math.floor(avg_bits * int(n_w.sum()) + 1e-9))
+        if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget <= 0:
+            raise ValueError(f"budget must be a positive integer (bits), got {budget!r}")
+        b_arr = _check_bits_list(bits)
+        cheapest = int(n_w.sum() * b_arr.min())
+        if budget < cheapest:
+            raise ValueError(
+                f"budget of {int(budget)} bits ({budget / n_w.sum():.3g} bits per weight) is "
+                f"impossible: {b_arr.min()} bits everywhere already takes {cheapest}; raise the "
+                "budget or allow fewer bits"
+            )
+        q = self._quantizer(quantizer)
+        contrib = self.layer_contributions(b_arr, quantizer=q)
+        values = contrib.flip_rate if objective == "flip_rate" else contrib.accuracy_loss
+        sol = knapsack_allocation(n_w[:, None] * b_arr[None, :], values, int(budget))  # (eq. L14)
+        chosen = b_arr[sol.choice]
+        names = self.grams_.layer_names
+        pred = self.predict_allocation(dict(zip(names, chosen.tolist(), strict=True)), quantizer=q)
+        return BitAllocation(
+            layer_names=names,
+            bits=chosen,
+            n_weights=n_w,
+            budget_bits=int(budget),
+            total_bits=sol.total_cost,
+            objective=objective,
+            surrogate=sol.total_value,
+            flip_rate=pred.flip_rate,
+            accuracy_loss=pred.accuracy_loss,
+            prediction=pred,
+            contributions=contrib,
+        )

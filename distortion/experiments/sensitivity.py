@@ -1,0 +1,713 @@
+r"""Per-sample logit-Jacobian Grams of the quantizable layers, and the Hutchinson Hessian trace.
+
+:func:`gradient_grams` computes, for every sample :math:`x_i` and every quantizable layer
+:math:`\ell`, the :math:`K\times K` Gram matrix
+:math:`\Gamma_\ell(x_i) = J_\ell(x_i)J_\ell(x_i)^\top` of the Jacobian
+:math:`J_\ell = \partial z/\partial\operatorname{vec}(W_\ell)` (``theory/multilayer.md``,
+eq. L3), optionally per output channel, and R realizations :math:`J_\ell\varepsilon^{(r)}`
+of a unit-variance uniform error (eq. L12). It runs one forward pass and K backward
+passes per batch: the backward pass of :math:`\sum_i z_k(x_i)` gives every layer's
+*output* gradient per sample (samples are independent in eval mode), and the per-sample
+weight gradient of a linear or convolution layer is the product of that output gradient
+with the layer's (unfolded) input [1]_ — no per-sample loop. The result is cached on disk
+under a key of the weights, the data, the layers and the options.
+
+:func:`hessian_trace` estimates :math:`\operatorname{Tr}(H_\ell)` of the cross-entropy
+Hessian with respect to each layer's weights by Hutchinson's estimator with Rademacher
+vectors and Hessian-vector products by double back-propagation [2]_ [3]_ (HAWQ-V2).
+
+torch is imported inside the functions only.
+
+References
+----------
+.. [1] I. Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015.
+.. [2] M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+   Laplacian smoothing splines", Comm. Statist. Simulation Comput. 18(3), 1989.
+.. [3] Z. Dong, Z. Yao, D. Arfeen, A. Gholami, M. W. Mahoney and K. Keutzer, "HAWQ-V2:
+   Hessian aware trace-weighted quantization of neural networks", NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from distortion.experiments import _paths
+from distortion.theory.baselines import HessianTrace
+from distortion.theory.multilayer import GradientGrams
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+__all__ = [
+    "gradient_grams",
+    "hessian_trace",
+    "load_grams",
+    "resolve_quantizable",
+    "save_grams",
+]
+
+#: Bumped whenever the cached arrays change meaning.
+_CACHE_VERSION = 1
+_FORMAT = "distortion.GradientGrams"
+
+
+# ----------------------------------------------------------------------------- data
+def _batches(data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(x, y)`` batches (y may be None) from an ImageDataset, (x, y) or a tensor."""
+    import torch
+
+    if hasattr(data, "batches"):
+        yield from data.batches(batch_size)
+        return
+    if isinstance(data, tuple | list) and len(data) == 2:
+        x, y = data
+    else:
+        x, y = data, None
+    x = torch.as_tensor(x)
+    yt = None if y is None else torch.as_tensor(np.asarray(y))
+    for s in range(0, x.shape[0], batch_size):
+        yield x[s : s + batch_size], None if yt is None else yt[s : s + batch_size]
+
+
+def _data_info(data: Any) -> tuple[int, np.ndarray | None, str]:
+    """(number of samples, labels or None, fingerprint) of the accepted data forms."""
+    if hasattr(data, "batches"):
+        labels = getattr(data, "labels", None)
+        fp = getattr(data, "fingerprint", None)
+        if fp is None:
+            fp = getattr(data, "dataset_id", repr(data))
+        return len(data), None if labels is None else np.asarray(labels, np.int64), str(fp)
+    if isinstance(data, tuple | list) and len(data) == 2:
+        x, y = data
+    else:
+        x, y = data, None
+    xa = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if xa.ndim < 2 or xa.shape[0] == 0:
+        raise ValueError(f"data must hold at least one sample (shape (N, ...)), got {xa.shape}")
+    h = hashlib.sha256()
+    h.update(repr((xa.shape, str(xa.dtype))).encode())
+    h.update(np.ascontiguousarray(xa).tobytes())
+    labels = None
+    if y is not None:
+        labels = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
+        if labels.shape != (xa.shape[0],):
+            raise ValueError(f"labels must have shape ({xa.shape[0]},), got {labels.shape}")
+        labels = labels.astype(np.int64)
+        h.update(labels.tobytes())
+    return xa.shape[0], labels, h.hexdigest()
+
+
+def _model_hash(model: nn.Module) -> str:
+    from distortion.experiments.models import state_dict_sha256
+
+    return state_dict_sha256(model)
+
+
+# ----------------------------------------------------------------------------- layers
+def resolve_quantizable(
+    model: nn.Module, layers: str | Sequence[str], example: torch.Tensor
+) -> list[str]:
+    """Names of the layers to analyse, in the order the forward pass runs them.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : "all", "last" or sequence of str
+        Every ``nn.Conv2d`` and ``nn.Linear`` the forward pass calls, the last
+        ``nn.Linear``, or the named layers.
+    example : torch.Tensor of shape (B, ...)
+        An input batch, to find the forward order.
+
+    Raises
+    ------
+    ValueError
+        An unknown layer or one that is not a Conv2d / Linear (the message lists the
+        quantizable layers).
+    """
+    import torch
+    from torch import nn
+
+    order: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            handles.append(m.register_forward_pre_hook(lambda mod, inp, n=name: order.append(n)))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    known = list(dict.fromkeys(order))
+    if not known:
+        raise ValueError(f"model {type(model).__name__} calls no nn.Conv2d or nn.Linear layer")
+    if isinstance(layers, str):
+        if layers == "all":
+            return known
+        if layers == "last":
+            lin = [n for n in known if isinstance(model.get_submodule(n), nn.Linear)]
+            if not lin:
+                raise ValueError(f"model {type(model).__name__} has no nn.Linear layer")
+            return [lin[-1]]
+        layers = [layers]
+    names = list(layers)
+    if not names:
+        raise ValueError("layers is empty: pass 'last', 'all' or a list of layer names")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+        raise ValueError(f"unknown layer(s) {unknown}; quantizable layers are: {shown}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers must not repeat a name, got {names}")
+    return sorted(names, key=known.index)
+
+
+# ----------------------------------------------------------------------------- per-sample J
+def _layer_input(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The input as the weight sees it: (B, T, in) for a linear layer, the unfolded patches
+    (B, groups, in/groups * kh * kw, P) for a convolution."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    b = a.shape[0]
+    if isinstance(module, nn.Linear):
+        return a.reshape(b, -1, a.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        pad = tuple(module._reversed_padding_repeated_twice)
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            a = F.pad(a, pad, mode=mode)
+        u = F.unfold(a, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        return u.reshape(b, module.groups, u.shape[1] // module.groups, -1)
+    raise ValueError(
+        f"layer type {type(module).__name__} is not supported; only nn.Conv2d and nn.Linear"
+    )
+
+
+def _per_sample_jacobian(module: nn.Module, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradient of ``sum(g * module(a))`` w.r.t. the weight, shape (B, n_weights).
+
+    ``u`` is :func:`_layer_input` of the layer input, ``g`` the gradient at the layer's
+    output (one sample per row): the weight gradient is ``g U^T`` [1]_.
+    """
+    import torch
+    from torch import nn
+
+    b = g.shape[0]
+    if isinstance(module, nn.Linear):
+        g2 = g.reshape(b, -1, g.shape[-1])
+        return torch.bmm(g2.transpose(1, 2), u).reshape(b, -1)  # (B, out * in)
+    groups = u.shape[1]
+    g2 = g.reshape(b, groups, g.shape[1] // groups, -1)
+    return torch.matmul(g2, u.transpose(2, 3)).reshape(b, -1)  # (B, out * in/groups * kh * kw)
+
+
+def _uniform_draws(
+    n_weights: int, n_realizations: int, profile: np.ndarray, seed: int, index: int
+) -> np.ndarray:
+    """Unit-variance uniform draws, shape (n, R), rows scaled by the channel profile (eq. L12)."""
+    rng = np.random.default_rng([seed, index, 7741])
+    e = rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), size=(n_weights, n_realizations))
+    per = n_weights // profile.size
+    return e * np.repeat(profile, per)[:, None]
+
+
+def gradient_grams(
+    model: nn.Module,
+    data: Any,
+    *,
+    layers: str | Sequence[str] = "all",
+    granularity: Literal["tensor", "channel"] = "tensor",
+    n_realizations: int = 40,
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    memory_mb: int = 256,
+    progress: bool = True,
+) -> GradientGrams:
+    r"""Per-sample Gram matrices of the logit Jacobian of each layer, cached on disk.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any network whose quantizable layers are ``nn.Conv2d`` / ``nn.Linear``; it is run
+        in eval mode (batch norm uses its running statistics, so samples are independent)
+        and left as it was.
+    data : ImageDataset, (x, y) or tensor
+        An :class:`~distortion.experiments.data.ImageDataset` (``batches``, ``labels``,
+        ``fingerprint``), a pair of an input tensor of shape (N, ...) and labels of shape
+        (N,), or an input tensor alone (no accuracy then).
+    layers : "all", "last" or sequence of str
+        Layers to analyse (see :func:`resolve_quantizable`).
+    granularity : {"tensor", "channel"}
+        Also keep one Gram per output channel (needed for per-channel steps; memory
+        N x C x K(K+1)/2 float32).
+    n_realizations : int
+        Error realizations R kept for the band of one realization (0: none).
+    batch_size : int, optional
+        Samples per batch (default: from ``memory_mb``).
+    seed : int
+        Seed of the error realizations.
+    device : str
+    cache : bool
+        Read and write the cache.
+    cache_dir : path, optional
+        Default ``$DISTORTION_CACHE`` or ``~/.cache/distortion``; files go to ``grams/``.
+    memory_mb : int
+        Budget for the per-sample Jacobians of one batch (K x sum of layer sizes floats
+        per sample).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    GradientGrams
+
+    Notes
+    -----
+    For a layer with input :math:`a` (unfolded to :math:`U` for a convolution) and output
+    gradient :math:`g_k = \partial z_k/\partial(\text{output})`, the per-sample weight
+    gradient is :math:`g_k U^\top` [1]_, and
+
+    .. math:: [\Gamma_\ell(x)]_{jk} = \langle \partial z_j/\partial W_\ell,
+              \partial z_k/\partial W_\ell \rangle \qquad \text{(eq. L3)} .
+    """
+    from tqdm.auto import tqdm
+
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+    if not isinstance(n_realizations, int | np.integer) or n_realizations < 0:
+        raise ValueError(f"n_realizations must be an integer >= 0, got {n_realizations!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n_total, labels, data_fp = _data_info(data)
+    if n_total == 0:
+        raise ValueError("data holds no samples")
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    try:
+        first_x, _ = next(iter(_batches(data, 2)))
+        names = resolve_quantizable(model, layers, first_x.to(device))
+        key = _grams_key(model, data_fp, names, granularity, int(n_realizations), int(seed))
+        path = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
+        if cache and path.is_file():
+            try:
+                return load_grams(path, expected_key=key)
+            except ValueError:
+                pass  # unreadable or stale: recompute and overwrite
+        grams = _compute_grams(
+            model, data, names, granularity, int(n_realizations), batch_size, int(seed),
+            device, memory_mb, progress, n_total, labels, key, tqdm,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    meta = dict(grams.meta)
+    meta.update({"data": data_fp, "dataset_id": str(getattr(data, "dataset_id", "arrays"))})
+    info = getattr(model, "distortion_info", None)
+    if info is not None and hasattr(info, "to_dict"):
+        meta["model"] = info.to_dict()
+    grams = _replace_meta(grams, meta)
+    if cache:
+        save_grams(grams, path)
+    return grams
+
+
+def _replace_meta(grams: GradientGrams, meta: dict[str, Any]) -> GradientGrams:
+    from dataclasses import replace
+
+    return replace(grams, meta=meta)
+
+
+def _grams_key(
+    model: nn.Module, data_fp: str, names: list[str], granularity: str, r: int, seed: int
+) -> str:
+    h = hashlib.sha256()
+    payload = {
+        "version": _CACHE_VERSION,
+        "weights": _model_hash(model),
+        "data": data_fp,
+        "layers": names,
+        "granularity": granularity,
+        "n_realizations": r,
+        "seed": seed if r else None,
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    h.update(json.dumps(payload, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _compute_grams(
+    model, data, names, granularity, n_real, batch_size, seed, device, memory_mb, progress,
+    n_total, labels, key, tqdm,
+) -> GradientGrams:  # fmt: skip
+    import torch
+
+    modules = [model.get_submodule(n) for n in names]
+    shapes = [tuple(m.weight.shape) for m in modules]
+    sizes = [math.prod(s) for s in shapes]
+    kinds = ["linear" if isinstance(m, torch.nn.Linear) else "conv" for m in modules]
+    weights = tuple(m.weight.detach().cpu().numpy().astype(np.float64) for m in modules)
+    dtype = modules[0].weight.dtype
+    t0 = time.perf_counter()
+    # one forward to learn K
+    with torch.no_grad():
+        k = int(model(next(iter(_batches(data, 1)))[0].to(device)).shape[1])
+    if batch_size is None:
+        per_sample = 4.0 * k * sum(sizes) * (2.0 if granularity == "channel" else 1.5)
+        batch_size = int(max(1, min(256, memory_mb * 2**20 // max(per_sample, 1.0))))
+    profiles = []
+    draws = []
+    for i, (w, sh) in enumerate(zip(weights, shapes, strict=True)):
+        if granularity == "channel":
+            prof = np.abs(w.reshape(sh[0], -1)).max(axis=1)
+            rms = math.sqrt(float(np.mean(prof**2)))
+            prof = prof / rms if rms > 0 else np.ones(sh[0])
+        else:
+            prof = np.ones(sh[0])
+        profiles.append(prof)
+        if n_real:
+            e = _uniform_draws(sizes[i], n_real, prof, seed, i)
+            draws.append(torch.as_tensor(e, dtype=dtype, device=device))
+    iu = torch.triu_indices(k, k)
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {n: [] for n in names}
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            a = inputs[0].detach()
+            records[name].append((a, output, a._version))
+            return output.clone()  # later in-place ops must not touch the recorded output
+
+        return hook
+
+    saved_flags = [m.weight.requires_grad for m in modules]
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in zip(names, modules, strict=True)]
+    out_logits, out_grams, out_cgrams, out_proj = [], [], [], []
+    n_batches = -(-n_total // batch_size)
+    try:
+        for m in modules:
+            m.weight.requires_grad_(True)
+        for x, _ in tqdm(
+            _batches(data, batch_size), total=n_batches, desc="gradient grams",
+            disable=not progress, leave=False,
+        ):  # fmt: skip
+            for r in records.values():
+                r.clear()
+            x = x.to(device=device, dtype=dtype)
+            bsz = x.shape[0]
+            with torch.enable_grad():
+                z = model(x)
+                if z.ndim != 2 or z.shape[1] != k:
+                    raise ValueError(f"model output must have shape (B, {k}), got {tuple(z.shape)}")
+                flat = [(n, rec) for n in names for rec in records[n]]
+                for n, (a, _, ver) in flat:
+                    if a._version != ver:
+                        raise ValueError(
+                            f"the input of layer {n!r} was modified in place during the forward "
+                            "pass; per-sample gradients need it intact (use inplace=False)"
+                        )
+                outs = [rec[1] for _, rec in flat]
+                jac = {
+                    n: torch.zeros((bsz, k, s), dtype=dtype, device=device)
+                    for n, s in zip(names, sizes, strict=True)
+                }
+                mods = [model.get_submodule(n) for n, _ in flat]
+                inputs = [
+                    _layer_input(mod, rec[0]) for mod, (_, rec) in zip(mods, flat, strict=True)
+                ]
+                for c in range(k):
+                    grads = torch.autograd.grad(
+                        z[:, c].sum(), outs, retain_graph=c < k - 1, allow_unused=True
+                    )
+                    for (n, _), mod, u, g in zip(flat, mods, inputs, grads, strict=True):
+                        if g is not None:
+                            jac[n][:, c, :] += _per_sample_jacobian(mod, u, g)
+                del outs, flat, inputs
+            for r in records.values():
+                r.clear()
+            out_logits.append(z.detach().to(torch.float64).cpu().numpy())
+            bg = np.empty((bsz, len(names), k, k))
+            bc = [] if granularity == "channel" else None
+            bp = np.empty((bsz, len(names), n_real, k), np.float32) if n_real else None
+            for li, n in enumerate(names):
+                jd = jac[n].to(torch.float64)
+                if granularity == "channel":
+                    c_out = shapes[li][0]
+                    jc = jd.reshape(bsz, k, c_out, -1)
+                    gc = torch.einsum("bkci,bjci->bckj", jc, jc)  # (eq. L3), per channel
+                    bg[:, li] = gc.sum(1).cpu().numpy()
+                    bc.append(gc[:, :, iu[0], iu[1]].to(torch.float32).cpu().numpy())
+                else:
+                    bg[:, li] = torch.bmm(jd, jd.transpose(1, 2)).cpu().numpy()  # (eq. L3)
+                if n_real:
+                    bp[:, li] = torch.matmul(jac[n], draws[li]).transpose(1, 2).cpu().numpy()
+                del jd
+            out_grams.append(bg)
+            if bc is not None:
+                out_cgrams.append(np.concatenate(bc, axis=1))
+            if bp is not None:
+                out_proj.append(bp)
+            del jac
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in zip(modules, saved_flags, strict=True):
+            m.weight.requires_grad_(f)
+    seconds = time.perf_counter() - t0
+    return GradientGrams(
+        layer_names=tuple(names),
+        layer_kinds=tuple(kinds),
+        weight_shapes=tuple(shapes),
+        logits=np.concatenate(out_logits),
+        grams=np.concatenate(out_grams),
+        labels=labels,
+        channel_grams=np.concatenate(out_cgrams) if out_cgrams else None,
+        projections=np.concatenate(out_proj) if out_proj else None,
+        projection_scales=tuple(profiles) if n_real else None,
+        weights=weights,
+        key=key,
+        meta={
+            "seconds": seconds,
+            "batch_size": batch_size,
+            "granularity": granularity,
+            "n_realizations": n_real,
+            "seed": seed,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- cache files
+def save_grams(grams: GradientGrams, path: str | os.PathLike[str]) -> Path:
+    """Write a :class:`GradientGrams` to an ``.npz`` file (atomically); returns the path."""
+    import contextlib
+    import tempfile
+
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {
+        "logits": grams.logits,
+        "grams": np.ascontiguousarray(grams.grams),
+    }
+    if grams.labels is not None:
+        arrays["labels"] = grams.labels
+    if grams.channel_grams is not None:
+        arrays["channel_grams"] = grams.channel_grams
+    if grams.projections is not None:
+        arrays["projections"] = grams.projections
+        arrays["projection_scales"] = np.concatenate(grams.projection_scales)
+    if grams.weights is not None:
+        arrays["weights"] = np.concatenate([w.ravel() for w in grams.weights])
+    header = {
+        "format": _FORMAT,
+        "version": _CACHE_VERSION,
+        "layer_names": list(grams.layer_names),
+        "layer_kinds": list(grams.layer_kinds),
+        "weight_shapes": [list(s) for s in grams.weight_shapes],
+        "key": grams.key,
+        "meta": _jsonable(grams.meta),
+    }
+    arrays["header"] = np.array(json.dumps(header))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_grams(path: str | os.PathLike[str], *, expected_key: str | None = None) -> GradientGrams:
+    """Read a file written by :func:`save_grams`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a GradientGrams file, another format version, or a key other than
+        ``expected_key``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no gradient-gram file {str(path)!r}; compute it with gradient_grams"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            arrays = {k: z[k] for k in z.files if k != "header"}
+    except Exception as exc:
+        raise ValueError(f"cannot read gradient-gram file {str(path)!r}: {exc}") from exc
+    if header.get("format") != _FORMAT or header.get("version") != _CACHE_VERSION:
+        raise ValueError(f"{str(path)!r} is not a version-{_CACHE_VERSION} {_FORMAT} file")
+    if expected_key is not None and header.get("key") != expected_key:
+        raise ValueError(f"{str(path)!r} was computed for other weights, data or options")
+    shapes = [tuple(s) for s in header["weight_shapes"]]
+    weights = None
+    if "weights" in arrays:
+        flat = arrays["weights"]
+        sizes = np.cumsum([0] + [math.prod(s) for s in shapes])
+        weights = tuple(flat[sizes[i] : sizes[i + 1]].reshape(s) for i, s in enumerate(shapes))
+    scales = None
+    if "projection_scales" in arrays:
+        off = np.cumsum([0] + [s[0] for s in shapes])
+        ps = arrays["projection_scales"]
+        scales = tuple(ps[off[i] : off[i + 1]] for i in range(len(shapes)))
+    return GradientGrams(
+        layer_names=tuple(header["layer_names"]),
+        layer_kinds=tuple(header["layer_kinds"]),
+        weight_shapes=tuple(shapes),
+        logits=arrays["logits"],
+        grams=arrays["grams"],
+        labels=arrays.get("labels"),
+        channel_grams=arrays.get("channel_grams"),
+        projections=arrays.get("projections"),
+        projection_scales=scales,
+        weights=weights,
+        key=str(header.get("key", "")),
+        meta={**header.get("meta", {}), "cache_file": str(path)},
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+def hessian_trace(
+    model: nn.Module,
+    data: Any,
+    *,
+    layers: str | Sequence[str] = "all",
+    n_draws: int = 32,
+    seed: int = 0,
+    batch_size: int = 100,
+    device: str = "cpu",
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> HessianTrace:
+    r"""Hutchinson estimate of the trace of the cross-entropy Hessian of each layer.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Run in eval mode (left as it was).
+    data : ImageDataset or (x, y)
+        Labelled samples; the loss is the mean cross-entropy over all of them.
+    layers : "all", "last" or sequence of str
+    n_draws : int
+        Rademacher vectors m (>= 2, for a standard error).
+    seed : int
+        Seed of the Rademacher vectors.
+    batch_size, device, cache, cache_dir, progress
+        As in :func:`gradient_grams` (files go to ``hessian/``).
+
+    Returns
+    -------
+    HessianTrace
+
+    Notes
+    -----
+    With :math:`v` Rademacher over all analysed weights and :math:`H` the Hessian of the
+    mean loss, :math:`E[v_\ell^\top (Hv)_\ell] = \operatorname{Tr}(H_\ell)` (the
+    off-diagonal blocks average out), estimated by the mean over the m draws with standard
+    error :math:`s/\sqrt m` (``theory/baselines.md``, eq. BL6). :math:`Hv` is accumulated
+    over batches by double back-propagation, :math:`\nabla(\nabla L\cdot v)`.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    if not isinstance(n_draws, int) or n_draws < 2:
+        raise ValueError(f"n_draws must be an integer >= 2 (for a standard error), got {n_draws!r}")
+    n_total, labels, data_fp = _data_info(data)
+    if labels is None:
+        raise ValueError("hessian_trace needs labels (the cross-entropy loss); pass (x, y)")
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    try:
+        first_x, _ = next(iter(_batches(data, 2)))
+        names = resolve_quantizable(model, layers, first_x.to(device))
+        h = hashlib.sha256()
+        h.update(
+            json.dumps(
+                {"version": _CACHE_VERSION, "weights": _model_hash(model), "data": data_fp,
+                 "layers": names, "n_draws": n_draws, "seed": seed}, sort_keys=True,
+            ).encode()
+        )  # fmt: skip
+        key = h.hexdigest()
+        path = _paths.cache_dir(cache_dir) / "hessian" / f"trace-{key[:24]}.npz"
+        if cache and path.is_file():
+            with np.load(path) as z:
+                if str(z["key"]) == key:
+                    return HessianTrace(
+                        layer_names=tuple(names), n_params=z["n_params"], draws=z["draws"],
+                        n_samples=int(z["n_samples"]), seed=seed,
+                    )  # fmt: skip
+        params = [model.get_submodule(n).weight for n in names]
+        saved = [p.requires_grad for p in params]
+        gen = torch.Generator().manual_seed(int(seed))
+        vs = [
+            [
+                (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype).to(device)
+                for p in params
+            ]
+            for _ in range(n_draws)
+        ]
+        acc = np.zeros((n_draws, len(names)))
+        total = -(-n_total // batch_size)
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for x, y in tqdm(
+                _batches(data, batch_size), total=total, desc="hessian trace",
+                disable=not progress, leave=False,
+            ):  # fmt: skip
+                x = x.to(device=device, dtype=params[0].dtype)
+                y = torch.as_tensor(y).to(device)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
+                    for d in range(n_draws):
+                        dot = sum((g * v).sum() for g, v in zip(grads, vs[d], strict=True))
+                        hv = torch.autograd.grad(dot, params, retain_graph=d < n_draws - 1)
+                        for li, (hvl, vl) in enumerate(zip(hv, vs[d], strict=True)):
+                            acc[d, li] += float((hvl * vl).sum())  # (eq. BL6)
+        finally:
+            for p, f in zip(params, saved, strict=True):
+                p.requires_grad_(f)
+    finally:
+        model.train(was_training)
+    n_params = np.array([p.numel() for p in params], dtype=np.int64)
+    res = HessianTrace(
+        layer_names=tuple(names), n_params=n_params, draws=acc, n_samples=n_total, seed=seed
+    )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, key=np.array(key), n_params=n_params, draws=acc, n_samples=n_total)
+    return res

@@ -1,0 +1,234 @@
+"""Which layer of ResNet-20 is most sensitive? Predicted vs measured, one layer at a time.
+
+Each quantizable layer of ResNet-20 (19 convolutions and the last linear layer) is quantized
+alone at 3 and at 4 bits (symmetric, per tensor, max range, round to nearest), the network
+is run on the first ``--n`` CIFAR-10 test images, and the flip rate (decisions that change
+against the float network) is measured. Three per-layer predictions are ranked against it:
+
+* ours — the first-order model of ``theory/multilayer.md`` (flip rate with that layer's
+  error variance :math:`\\Delta^2/12`, eq. L4-L7), from per-sample Jacobian Grams;
+* Sakr et al. (ICML 2017) — the mismatch-probability bound :math:`\\Delta_\\ell^2 E_\\ell`
+  (``theory/baselines.md``, eq. BL4), from the same Grams;
+* HAWQ-V2 (NeurIPS 2020) — :math:`\\Omega_\\ell = \\operatorname{Tr}(H_\\ell)/n_\\ell
+  \\cdot \\|Q(W_\\ell) - W_\\ell\\|^2` (eq. BL5) with a Hutchinson trace (eq. BL6) on
+  ``--hessian-n`` images, and with the exact Gauss-Newton trace from the same Grams on all
+  ``--n`` images (eq. BL7; exact for ResNets, which are piecewise linear in each layer).
+
+Usage::
+
+    OMP_NUM_THREADS=2 python experiments/layerwise_resnet20.py            # n = 2000
+    OMP_NUM_THREADS=2 python experiments/layerwise_resnet20.py --n 500    # quicker
+
+Prints the per-layer table, the Spearman correlations (per bit-width and pooled over the
+two), the timings, and writes ``experiments/results/layerwise_resnet20/table.csv``. The
+gradient Grams and the Hessian trace are cached (``--cache-dir``, default
+``$DISTORTION_CACHE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from distortion.experiments import _paths  # noqa: E402
+from distortion.quantize import UniformQuantizer  # noqa: E402
+from distortion.theory.baselines import (  # noqa: E402
+    gauss_newton_trace,
+    hawq_v2_sensitivity,
+    sakr_bound,
+)
+from distortion.theory.multilayer import multilayer_distortion  # noqa: E402
+
+OUT_DIR = ROOT / "experiments" / "results" / "layerwise_resnet20"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--n", type=int, default=2000, help="test images (default 2000)")
+    ap.add_argument("--bits", default="3,4", help="bit-widths (default 3,4)")
+    ap.add_argument("--hessian-n", type=int, default=500, help="images of the Hessian trace")
+    ap.add_argument("--hessian-draws", type=int, default=32, help="Rademacher draws")
+    ap.add_argument(
+        "--realizations", type=int, default=40, help="simulated error realizations (bands)"
+    )
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--reuse-measured",
+        action="store_true",
+        help="reuse the measured decisions saved by a previous run (same model and n)",
+    )
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from distortion.experiments.data import load_dataset
+    from distortion.experiments.measure import predict_logits, quantize_model
+    from distortion.experiments.models import get_layer, load_model
+    from distortion.experiments.sensitivity import gradient_grams, hessian_trace
+
+    progress = not args.quiet
+    shared = _paths.shared_dir()
+    if shared is None or not (shared / "data" / "cifar10" / "test.npz").is_file():
+        raise SystemExit("needs <DISTORTION_DATA>/data/cifar10/test.npz (set DISTORTION_DATA)")
+    bits_list = [int(b) for b in args.bits.split(",")]
+    data = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.n)
+    model = load_model(args.model)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    grams = gradient_grams(
+        model, data, layers="all", n_realizations=args.realizations, cache_dir=args.cache_dir,
+        progress=progress,
+    )  # fmt: skip
+    timings["gradient_grams_s"] = time.perf_counter() - t
+    timings["gradient_grams_computed_s"] = grams.meta.get("seconds", float("nan"))
+    names = list(grams.layer_names)
+
+    t = time.perf_counter()
+    hdata = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.hessian_n)
+    trace = hessian_trace(
+        model, hdata, layers=names, n_draws=args.hessian_draws, seed=args.seed,
+        cache_dir=args.cache_dir, progress=progress,
+    )  # fmt: skip
+    timings["hessian_trace_s"] = time.perf_counter() - t
+    gn_trace = gauss_newton_trace(grams)
+
+    t = time.perf_counter()
+    float_logits = predict_logits(model, data, progress=False)
+    timings["float_forward_s"] = time.perf_counter() - t
+    pred_float = float_logits.argmax(axis=1)
+    labels = np.asarray(data.labels)
+
+    # measured decisions of each (bits, layer), saved so that a rerun can skip the forward
+    # passes (--reuse-measured): the same model, images and quantizer give the same decisions
+    pred_file = OUT_DIR / f"measured-{args.model}-n{len(data)}.npz"
+    reused: dict[tuple[int, str], np.ndarray] = {}
+    if args.reuse_measured and pred_file.is_file():
+        with np.load(pred_file) as z:
+            reused = {(int(k.split(":")[0]), k.split(":")[1]): z[k] for k in z.files}
+    rows = []
+    sims: dict[int, list[np.ndarray]] = {b: [] for b in bits_list}
+    t_measure = t_predict = 0.0
+    for bits in bits_list:
+        q = UniformQuantizer(bits)
+        qt = {n: q.quantize(get_layer(model, n).weight.detach()) for n in names}
+        sq_err = [float(np.sum(qt[n].error ** 2)) for n in names]
+        hawq = hawq_v2_sensitivity(trace, sq_err)
+        hawq_gn = hawq_v2_sensitivity(gn_trace, sq_err)
+        for li, name in enumerate(names):
+            steps = [None] * len(names)
+            steps[li] = qt[name].step
+            var = [0.0 if s is None else float(s) ** 2 / 12 for s in steps]
+            t = time.perf_counter()
+            ours = multilayer_distortion(grams, var, seed=args.seed, band=args.realizations > 0)
+            var_emp = [0.0] * len(names)
+            var_emp[li] = float(np.mean(qt[name].error ** 2))  # actual mean square error
+            ours_emp = multilayer_distortion(grams, var_emp, seed=args.seed, band=False)
+            sakr = sakr_bound(grams, steps)
+            t_predict += time.perf_counter() - t
+            t = time.perf_counter()
+            if (bits, name) in reused:
+                pq = reused[(bits, name)]
+            else:
+                qmodel, _ = quantize_model(model, q, [name])
+                with torch.inference_mode():
+                    pq = predict_logits(qmodel, data, progress=False).argmax(axis=1)
+            t_measure += time.perf_counter() - t
+            reused[(bits, name)] = pq
+            band = ours.flip_band()
+            if args.realizations:
+                sims[bits].append(ours.flip_counts / ours.n_samples)
+            rows.append(
+                {
+                    "bits": bits,
+                    "layer": name,
+                    "n_weights": int(grams.layer_sizes()[li]),
+                    "measured_flip": float(np.mean(pq != pred_float)),
+                    "measured_loss": float(np.mean(pred_float == labels) - np.mean(pq == labels)),
+                    "ours_flip": ours.flip_rate,
+                    "ours_loss": ours.accuracy_loss,
+                    "ours_emp_flip": ours_emp.flip_rate,
+                    "ours_flip_low": band.low,
+                    "ours_flip_high": band.high,
+                    "sakr_bound": sakr.bound,
+                    "hawq_omega": float(hawq.omega[li]),
+                    "hawq_omega_se": float(hawq.omega_stderr[li]),
+                    "hawq_gn_omega": float(hawq_gn.omega[li]),
+                }  # fmt: skip
+            )
+    timings["measure_all_s"] = t_measure
+    timings["predict_all_s"] = t_predict
+    table = pd.DataFrame(rows)
+
+    def spearman(frame: pd.DataFrame, col: str) -> float:
+        return float(stats.spearmanr(frame[col], frame["measured_flip"]).statistic)
+
+    summary = []
+    for label, part in [*((f"{b} bits", table[table.bits == b]) for b in bits_list),
+                        ("pooled", table)]:  # fmt: skip
+        summary.append(
+            {
+                "set": label,
+                "n_points": len(part),
+                "spearman_ours": spearman(part, "ours_flip"),
+                "spearman_ours_empirical_var": spearman(part, "ours_emp_flip"),
+                "spearman_hawq_v2": spearman(part, "hawq_omega"),
+                "spearman_hawq_v2_gn": spearman(part, "hawq_gn_omega"),
+                "spearman_sakr": spearman(part, "sakr_bound"),
+            }
+        )
+    summary = pd.DataFrame(summary)
+    # Noise ceiling: Spearman of our expected flip rates against ONE simulated realization
+    # of the error per layer (linear model, exact H_U) -- what an exact model would score
+    # against a single measured quantization; median and 5-95 % range over realizations.
+    if args.realizations:
+        ceil = {}
+        for b in bits_list:
+            part = table[table.bits == b]
+            sim = np.stack(sims[b])  # (L, R)
+            rho = [
+                stats.spearmanr(part["ours_flip"], sim[:, r]).statistic for r in range(sim.shape[1])
+            ]
+            ceil[f"{b} bits"] = np.percentile(rho, [5, 50, 95])
+            in_band = (part["ours_flip_low"] <= part["measured_flip"]) & (
+                part["measured_flip"] <= part["ours_flip_high"]
+            )
+            ceil[f"{b} bits in band"] = float(in_band.mean())
+        summary["ceiling_p05"] = [ceil.get(k, [np.nan] * 3)[0] for k in summary["set"]]
+        summary["ceiling_median"] = [ceil.get(k, [np.nan] * 3)[1] for k in summary["set"]]
+        summary["ceiling_p95"] = [ceil.get(k, [np.nan] * 3)[2] for k in summary["set"]]
+        summary["measured_in_band"] = [ceil.get(f"{k} in band", np.nan) for k in summary["set"]]
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    np.savez(pred_file, **{f"{b}:{n}": v for (b, n), v in reused.items()})
+    table.to_csv(OUT_DIR / "table.csv", index=False)
+    summary.to_csv(OUT_DIR / "spearman.csv", index=False)
+    info = {
+        "model": args.model, "n_images": len(data), "hessian_images": len(hdata),
+        "hessian_draws": args.hessian_draws, "float_accuracy": float(np.mean(pred_float == labels)),
+        **timings,
+    }  # fmt: skip
+    (OUT_DIR / "info.json").write_text(json.dumps(info, indent=2))
+    with pd.option_context("display.width", 160, "display.max_rows", 200):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print()
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Flip rate against bit-width: measured (95 % CI), levels 1-3, the level-3 band of one
+realization, and the bound of Sakr et al. Rows: models; columns: problem and layer set.
+``flip_vs_bits.pdf`` for the first granularity (per tensor), ``flip_vs_bits_<g>.pdf`` for
+the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _style
+
+
+def make(results: Path, out: Path) -> list[Path]:
+    from distortion.plotting.compare import plot_flip_vs_bits
+
+    table = _style.load_comparison(results)
+    return _style.series_grid(table, plot_flip_vs_bits, out, "flip_vs_bits", quantity="flip rate")
+
+
+if __name__ == "__main__":
+    _style.main(make, __doc__)

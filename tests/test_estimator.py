@@ -1,0 +1,179 @@
+"""Tests of AccuracyLossEstimator: last-layer and multi-layer fits, predictions, allocation."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from distortion.estimator import AccuracyLossEstimator, BitAllocation
+from distortion.quantize import UniformQuantizer
+from distortion.theory.multiclass import semiparametric_distortion
+
+torch = pytest.importorskip("torch")
+
+from test_multilayer import LAYERS, tiny_data, tiny_net  # noqa: E402
+
+
+def test_import_does_not_load_torch():
+    code = (
+        "import sys, distortion.estimator, distortion.theory.multilayer, "
+        "distortion.theory.baselines; assert 'torch' not in sys.modules, 'torch loaded'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _feature_set(seed=0, n=300, d=6, k=4):
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(k, d)) * 2
+    y = rng.integers(0, k, n)
+    x = mu[y] + rng.normal(size=(n, d))
+    w = rng.normal(size=(k, d))
+    b = rng.normal(size=k) * 0.1
+    return SimpleNamespace(features=x, labels=y, W=w, b=b, logits=x @ w.T + b)
+
+
+def test_fit_feature_set_is_level3():
+    fs = _feature_set()
+    est = AccuracyLossEstimator(UniformQuantizer(4), n_realizations=40, seed=3).fit(fs)
+    pred = est.predict(bits=[2, 4, 6])
+    frame = pred.to_frame()
+    assert list(frame["bits"]) == [2, 4, 6] and set(frame["level"]) == {"3"}
+    for i, b in enumerate([2, 4, 6]):
+        step = UniformQuantizer(b).qparams(fs.W).step
+        ref = semiparametric_distortion(
+            fs.features, fs.W, fs.b, step=step, labels=fs.labels, n_realizations=40, seed=3
+        )
+        assert pred.flip_rate[i] == pytest.approx(ref.flip_rate, rel=1e-12)
+        assert pred.accuracy_loss[i] == pytest.approx(ref.accuracy_loss, rel=1e-12, abs=1e-15)
+        assert (pred.flip_rate_low[i], pred.flip_rate_high[i]) == tuple(ref.flip_band())
+    # per-channel steps are per row of W
+    pc = AccuracyLossEstimator(UniformQuantizer(3, granularity="channel")).fit(fs).predict(3)
+    ref = semiparametric_distortion(
+        fs.features, fs.W, fs.b, labels=fs.labels, n_realizations=40, seed=0,
+        step=UniformQuantizer(3, granularity="channel").qparams(fs.W).step,
+    )  # fmt: skip
+    assert pc.flip_rate[0] == pytest.approx(ref.flip_rate, rel=1e-12)
+
+
+def test_fit_errors_k_mismatch_and_unfitted():
+    fs = _feature_set()
+    with pytest.raises(ValueError, match="K mismatch"):
+        AccuracyLossEstimator().fit(fs, labels=np.full(fs.labels.size, 7))
+    bad = SimpleNamespace(**{**vars(fs), "logits": np.zeros((300, 5))})
+    with pytest.raises(ValueError, match="K mismatch"):
+        AccuracyLossEstimator().fit(bad)
+    with pytest.raises(ValueError, match="not fitted"):
+        AccuracyLossEstimator().predict(4)
+    with pytest.raises(ValueError, match="fit_model"):
+        AccuracyLossEstimator().fit(fs).allocate(avg_bits=4)
+    with pytest.raises(ValueError, match="bits must"):
+        AccuracyLossEstimator().fit(fs).predict([0, 4])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    net = tiny_net(seed=3)
+    x, y = tiny_data(200, seed=8)
+    est = AccuracyLossEstimator(
+        UniformQuantizer(4), n_realizations=40, cache_dir=tmp_path_factory.mktemp("c"),
+        progress=False,
+    ).fit_model(net, (x, y))  # fmt: skip
+    return net, x, y, est
+
+
+def test_fit_model_predict_and_min_bits(fitted):
+    _, _, _, est = fitted
+    pred = est.predict(bits=range(1, 9))
+    frame = pred.to_frame()
+    assert len(frame) == 8 and set(frame["level"]) == {"3L"}
+    assert pred.layers == tuple(LAYERS)
+    assert np.all(np.diff(pred.flip_rate[1:]) <= 1e-12)  # fewer flips with more bits (b >= 2)
+    assert np.all(pred.flip_rate_low <= pred.flip_rate_high)
+    # the same numbers as one allocation with every layer at b bits
+    r = est.predict_allocation(dict.fromkeys(LAYERS, 3))
+    assert pred.flip_rate[2] == pytest.approx(r.flip_rate)
+    # min_bits is the first bit-width that meets the budget
+    budget = float(pred.accuracy_loss[3]) + 1e-12
+    b = est.min_bits(budget, bits=range(1, 9))
+    assert pred.accuracy_loss[b - 1] <= budget
+    assert all(pred.accuracy_loss[i] > budget for i in range(b - 1))
+    worst = int(np.argmax(pred.accuracy_loss))
+    assert pred.accuracy_loss[worst] > 0
+    with pytest.raises(ValueError, match="no bit-width"):
+        est.min_bits(0.0, bits=[int(pred.bits[worst])])
+
+
+def test_allocation_errors(fitted):
+    _, _, _, est = fitted
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        est.predict_allocation({"nope": 4})
+    with pytest.raises(ValueError, match="1..16"):
+        est.predict_allocation({"fc2": 17})
+    with pytest.raises(ValueError, match="impossible"):
+        est.allocate(avg_bits=1.5, bits=range(2, 9))
+    with pytest.raises(ValueError, match="exactly one"):
+        est.allocate()
+    with pytest.raises(ValueError, match="per-channel Grams"):
+        est.predict(4, quantizer=UniformQuantizer(4, granularity="channel"))
+
+
+def test_allocate_is_optimal_for_the_additive_model(fitted):
+    _, _, _, est = fitted
+    bits = [2, 4, 6]
+    alloc = est.allocate(avg_bits=4.0, bits=bits)
+    assert isinstance(alloc, BitAllocation)
+    n_w = est.grams_.layer_sizes()
+    assert alloc.total_bits == int(np.sum(n_w * alloc.bits)) <= alloc.budget_bits
+    assert alloc.avg_bits() <= 4.0
+    # brute force over all 3^5 allocations of the same additive surrogate
+    table = alloc.contributions.flip_rate
+    best = min(
+        sum(table[l, c] for l, c in enumerate(ch))
+        for ch in itertools.product(range(3), repeat=len(LAYERS))
+        if sum(n_w[l] * bits[c] for l, c in enumerate(ch)) <= alloc.budget_bits
+    )
+    assert alloc.surrogate == pytest.approx(best)
+    # re-evaluated with the full closed form
+    again = est.predict_allocation(alloc.as_dict())
+    assert alloc.flip_rate == pytest.approx(again.flip_rate)
+    frame = alloc.to_frame()
+    assert list(frame["layer"]) == LAYERS and frame["contribution"].notna().all()
+
+
+def test_additive_surrogate_brackets_full_model_for_small_noise(fitted):
+    # with small noise the per-sample flip probability grows like the margin noise sd,
+    # sqrt(sum_l v_l) <= sum_l sqrt(v_l): the sum of single-layer flip rates is larger
+    _, _, _, est = fitted
+    c = est.layer_contributions([8])
+    full = est.predict_allocation(dict.fromkeys(LAYERS, 8), band=False)
+    assert full.flip_rate <= c.flip_rate[:, 0].sum() + 1e-12
+
+
+def test_stochastic_rounding_doubles_the_variance(fitted):
+    _, _, _, est = fitted
+    near = est.predict_allocation({"fc1": 5}, band=False)
+    sto = est.predict_allocation({"fc1": 5}, quantizer=UniformQuantizer(5, rounding="stochastic"))
+    v_near = near.noise_variances[LAYERS.index("fc1")]
+    v_sto = sto.noise_variances[LAYERS.index("fc1")]
+    assert float(v_sto) == pytest.approx(2 * float(v_near))
+
+
+def test_empirical_error_variance_is_the_mean_square_error(fitted):
+    net, x, y, est = fitted
+    emp = AccuracyLossEstimator(UniformQuantizer(3), error_variance="empirical")
+    emp.fit_grams(est.grams_)
+    r = emp.predict_allocation({"conv2": 3, "fc1": 3}, band=False)
+    for name in ("conv2", "fc1"):
+        w = net.get_submodule(name).weight.detach().numpy()
+        e = UniformQuantizer(3).quantize(w).error
+        assert float(r.noise_variances[LAYERS.index(name)]) == pytest.approx(np.mean(e**2))
+    pc = UniformQuantizer(3, granularity="channel")
+    with pytest.raises(ValueError, match="per-channel Grams"):
+        emp.predict(3, quantizer=pc)
+    with pytest.raises(ValueError, match="error_variance"):
+        AccuracyLossEstimator(error_variance="actual")

@@ -1,0 +1,208 @@
+"""The paper's figures and tables regenerate from a small run of the experiment.
+
+``small_results`` runs :func:`distortion.experiments.pipeline.run_experiment` on a tiny
+configuration (ResNet-20, 300 CIFAR-10 test images, 3 and 6 bits, per-tensor steps; about a
+minute on 2 cores with a cold cache) and adds a synthetic two-class simulation table (the
+real one, ``experiments/simulation_binary.py``, takes much longer). Every figure script and
+the table script run through ``distortion figures`` and through the Makefile; the checks are
+on what they write: files, PDF page width = the LaTeX text width, booktabs tables, and the
+numbers that main.tex quotes, recomputed independently from ``comparison.csv``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from _comparison_data import synthetic_simulation_table, synthetic_table
+
+from distortion import cli
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "paper"
+TEXT_WIDTH_PT = 6.5 * 72  # paper/figures/_paths.py TEXT_WIDTH_IN, main.tex geometry
+
+#: Figures of a run with one model and one granularity (a second granularity adds
+#: flip_vs_bits_<g>.pdf and loss_vs_bits_<g>.pdf).
+FIGURES = {
+    "flip_vs_bits", "loss_vs_bits", "predicted_vs_measured", "abs_error_vs_bits",
+    "hypotheses_gaussian", "hypotheses_uniform", "simulation_binary",
+}  # fmt: skip
+TABLES = {
+    "summary", "cells", "cells_caption", "cells_all", "cells_all_caption",
+    "hypotheses_gaussian", "hypotheses_uniform", "simulation", "numbers",
+}  # fmt: skip
+
+TINY = {
+    "name": "paper-tiny",
+    "data": {"n": 300},
+    "models": {"names": ["resnet20"]},
+    "quantizer": {"granularity": ["tensor"]},
+    "last_layer": {"bits": [3, 6], "n_realizations": 50, "problems": [{"name": "10-class"}]},
+    "all_layers": {"bits": [3, 6], "n": 40},
+    "hypotheses": {"bits": [3, 6]},
+}
+
+
+@pytest.fixture(scope="module")
+def small_results(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from distortion.experiments.pipeline import ExperimentConfig, run_experiment
+
+    root = tmp_path_factory.mktemp("results")
+    run_experiment(
+        ExperimentConfig.from_dict(TINY), data=str(real_data), out_dir=root / "paper-tiny",
+        cache_dir=root / "cache", figures=False, progress=False, stream=io.StringIO(),
+    )  # fmt: skip
+    (root / "simulation_binary").mkdir()
+    synthetic_simulation_table().to_csv(root / "simulation_binary" / "table.csv", index=False)
+    return root / "paper-tiny"
+
+
+@pytest.fixture(scope="module")
+def generated(small_results: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("paper-out")
+    assert cli.main(["figures", "--results", str(small_results), "--out", str(out)]) == 0
+    return out
+
+
+def _page_width(pdf: Path) -> float:
+    num = rb"\s*([-\d.]+)"
+    box = re.search(rb"/MediaBox\s*\[" + num * 4, pdf.read_bytes())
+    assert box, f"no MediaBox in {pdf}"
+    return float(box.group(3)) - float(box.group(1))
+
+
+def _numbers(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"\\resdef\{([^}]*)\}\{([^}]*)\}", path.read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_every_figure_is_a_pdf_at_text_width(generated):
+    pdfs = {p.stem: p for p in (generated / "figures").glob("*.pdf")}
+    assert set(pdfs) == FIGURES
+    for name, p in pdfs.items():
+        assert p.read_bytes()[:5] == b"%PDF-", name
+        assert _page_width(p) == pytest.approx(TEXT_WIDTH_PT, abs=1.0), name
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_every_table_is_booktabs(generated):
+    tex = {p.stem: p for p in (generated / "tables").glob("*.tex")}
+    assert set(tex) == TABLES
+    for name in TABLES - {"numbers", "cells_caption", "cells_all_caption"}:
+        body = tex[name].read_text()
+        for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}"):
+            assert rule in body, (name, rule)
+        assert "nan" not in body.lower(), name
+        assert "not available" not in body, name
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_tables_hold_the_results(generated, small_results):
+    t = pd.read_csv(small_results / "comparison.csv")
+    last = t[t["layers"] == "last"]
+    nums = _numbers(generated / "tables" / "numbers.tex")
+    # independent recomputation of the quoted means (percentage points, 2 decimals)
+    assert nums["err:L3:last"] == f"{100 * last['L3_flip_abs_error'].mean():.2f}"
+    assert nums["err:L1:last"] == f"{100 * last['L1_flip_abs_error'].mean():.2f}"
+    assert nums["inband:last"] == f"{100 * last['L3_flip_in_band'].mean():.0f}"
+    assert nums["cells"] == str(len(t))
+    run = json.loads((small_results / "run.json").read_text())
+    assert nums["acc:resnet20"] == f"{100 * run['accuracies']['resnet20']:.2f}"
+    assert nums["n:images"] == "300"
+    # the summary's first row is the first group's means
+    g = t[(t["model"] == "resnet20") & (t["problem"] == "10-class") & (t["layers"] == "last")
+          & (t["granularity"] == "tensor")]  # fmt: skip
+    summary = (generated / "tables" / "summary.tex").read_text()
+    row = next(ln for ln in summary.splitlines() if ln.startswith("ResNet-20 & 10-class & last"))
+    cells = [c.strip(" \\") for c in row.split("&")]
+    assert cells[4] == str(len(g))
+    assert cells[7] == f"{100 * g['L3_flip_abs_error'].mean():.2f}"
+    # the cell-by-cell table lists every bit-width of the first series
+    body = (generated / "tables" / "cells.tex").read_text()
+    bits_rows = [ln.split("&")[0].strip() for ln in body.splitlines() if re.match(r"^\d+ &", ln)]
+    assert bits_rows == [str(b) for b in sorted(g["bits"])]
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_main_tex_uses_what_is_generated(generated):
+    lines = (PAPER / "main.tex").read_text().splitlines()
+    tex = "\n".join(ln for ln in lines if not ln.lstrip().startswith("%"))
+    assert set(re.findall(r"\\maybegraphic\{([^}]*)\}", tex)) <= FIGURES
+    assert set(re.findall(r"\\maybetable\{([^}]*)\}", tex)) <= TABLES
+    keys = set(re.findall(r"\\res\{([^}]*)\}", tex))
+    missing = keys - set(_numbers(generated / "tables" / "numbers.tex"))
+    assert not missing, f"main.tex quotes \\res keys that make_tables.py does not write: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_makefile_regenerates_figures_and_tables(small_results, tmp_path):
+    """``make -C paper`` runs every figure script (checked with ``make -n``); one figure and
+    the tables are made for real (each script is a fresh Python process: all of them would
+    take a minute), and a second run has nothing to do."""
+    if shutil.which("make") is None:
+        pytest.fail("`make` is needed to test paper/Makefile", pytrace=False)
+    copy = tmp_path / "paper"
+    shutil.copytree(PAPER, copy, ignore=shutil.ignore_patterns("build", "*.pdf", "__pycache__"))
+    for d in ("figures", "tables"):  # only the scripts: outputs must come from make
+        for p in (copy / d).iterdir():
+            if p.suffix == ".tex":
+                p.unlink()
+    env = {**os.environ, "MPLBACKEND": "agg"}
+    args = [f"RESULTS={small_results}", f"PYTHON={sys.executable}"]
+
+    def make(*targets: str, dry: bool = False) -> str:
+        cmd = ["make", "-C", str(copy), *(["-n"] if dry else []), *targets, *args]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+
+    planned = make("all", dry=True)
+    for script in (PAPER / "figures").glob("fig_*.py"):
+        assert f"figures/{script.name} --results {small_results}" in planned, script.name
+    assert f"tables/make_tables.py --results {small_results}" in planned
+    assert "latexmk" in planned
+    make("tables", "build/fig_abs_error.stamp")
+    assert {p.stem for p in (copy / "tables").glob("*.tex")} == TABLES
+    assert [p.name for p in (copy / "figures").glob("*.pdf")] == ["abs_error_vs_bits.pdf"]
+    again = make("tables", "build/fig_abs_error.stamp", dry=True)
+    assert "make_tables.py --results" not in again
+    assert "fig_abs_error.py --results" not in again
+
+
+@pytest.mark.slow
+def test_two_granularities_and_missing_inputs(tmp_path, monkeypatch):
+    """A second granularity gets its own flip/loss figures; inputs that a results folder
+    lacks (hypothesis tests, simulation table, run.json) give no figure and a placeholder
+    table, and the rest is still made."""
+    from distortion.experiments.compare import Comparison
+
+    monkeypatch.delenv("DISTORTION_SIMULATION", raising=False)
+    res = tmp_path / "results" / "bare"
+    Comparison(synthetic_table(bits=(3, 6))).save(res)
+    out = tmp_path / "out"
+    assert cli.main(["figures", "--results", str(res), "--out", str(out)]) == 0
+    figs = {p.stem for p in (out / "figures").glob("*.pdf")}
+    absent = {"hypotheses_gaussian", "hypotheses_uniform", "simulation_binary"}
+    assert figs == (FIGURES - absent) | {"flip_vs_bits_channel", "loss_vs_bits_channel"}
+    assert "not available" in (out / "tables" / "hypotheses_gaussian.tex").read_text()
+    assert "not available" in (out / "tables" / "simulation.tex").read_text()
+    assert r"\resdef{cells}{" in (out / "tables" / "numbers.tex").read_text()
+
+
+def test_figures_command_errors(tmp_path, capsys):
+    assert cli.main(["figures", "--results", str(tmp_path / "none")]) == 2
+    assert "no comparison.csv" in capsys.readouterr().err
+    assert cli.main(["figures", "--paper", str(tmp_path), "--results", str(tmp_path)]) == 2
+    assert "no figure scripts" in capsys.readouterr().err
