@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--memory-mb", type=int, default=1024, help="per-batch Jacobian budget")
+    ap.add_argument(
+        "--avg-bits",
+        type=float,
+        default=4.0,
+        help="also time allocate(avg_bits=...) over 3..8 bits and measure its allocation",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -133,6 +139,22 @@ def main(argv: list[str] | None = None) -> int:
             np.mean(pred_f == grams.labels) - np.mean(logits.argmax(1) == grams.labels)
         )
 
+    if args.avg_bits:
+        t = time.perf_counter()
+        alloc = est.allocate(avg_bits=args.avg_bits, bits=range(3, 9))
+        out["allocate_s"] = time.perf_counter() - t
+        out["allocate_avg_bits"] = alloc.avg_bits()
+        out["allocate_bits_histogram"] = np.bincount(alloc.bits, minlength=9)[3:].tolist()
+        out["allocate_surrogate_flip"] = alloc.surrogate
+        out["allocate_predicted_flip"] = alloc.flip_rate
+        out["allocate_predicted_flip_band"] = list(alloc.prediction.flip_band())
+        qmodel, _ = quantize_model(
+            model, {n: UniformQuantizer(int(b)) for n, b in alloc.as_dict().items()}
+        )
+        with torch.inference_mode():
+            logits = predict_logits(qmodel, data, progress=False)
+        out["allocate_measured_flip"] = float(np.mean(logits.argmax(1) != grams.predictions()))
+
     print(json.dumps(out, indent=2))
     for label in allocations:
         print(
@@ -143,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             f"faster ({out[f'{label}_speedup_cpu']:.0f}x in CPU time); "
             f"flip predicted {100 * out[f'{label}_predicted_flip']:.2f} % vs measured "
             f"{100 * out[f'{label}_measured_flip']:.2f} %"
+        )
+    if args.avg_bits:
+        print(
+            f"allocate(avg_bits={args.avg_bits}, bits 3..8): {out['allocate_s']:.1f} s, "
+            f"{out['allocate_avg_bits']:.3f} bits/weight, predicted flip "
+            f"{100 * out['allocate_predicted_flip']:.2f} % (additive surrogate "
+            f"{100 * out['allocate_surrogate_flip']:.2f} %), measured "
+            f"{100 * out['allocate_measured_flip']:.2f} % (uniform 4 bits: "
+            f"{100 * out['uniform4_measured_flip']:.2f} %)"
         )
     return 0
 

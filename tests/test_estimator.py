@@ -177,3 +177,29 @@ def test_empirical_error_variance_is_the_mean_square_error(fitted):
         emp.predict(3, quantizer=pc)
     with pytest.raises(ValueError, match="error_variance"):
         AccuracyLossEstimator(error_variance="actual")
+
+
+def test_parse_bits():
+    from distortion.commands.predict import parse_bits
+
+    assert parse_bits("2-5") == [2, 3, 4, 5]
+    assert parse_bits("8,2,4") == [2, 4, 8]
+    for bad in ("5-2", "0-3", "a", "17"):
+        with pytest.raises(ValueError, match="--bits"):
+            parse_bits(bad)
+
+
+@pytest.mark.real_data
+def test_predict_command(real_data, tmp_path, capsys):
+    from distortion.cli import main
+
+    npz = str(real_data / "data" / "cifar10" / "test.npz")
+    args = ["predict", "--model", "resnet20", "--data", npz, "--n", "40", "--bits", "3,6",
+            "--layers", "last", "--quiet", "--cache-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "flip %" in out and "3L" in out
+    assert len([ln for ln in out.splitlines() if ln.strip().startswith(("3 ", "6 "))]) == 2
+    bad = args[:-5] + ["--layers", "nope", "--quiet", "--cache-dir", str(tmp_path)]
+    assert main(bad) == 2
+    assert "unknown layer" in capsys.readouterr().err
