@@ -4,6 +4,7 @@
 where they are needed (model building, extraction, measurement, ``distortion.plotting``).
 """
 
+from distortion.estimator import AccuracyLossEstimator, AccuracyLossPrediction, BitAllocation
 from distortion.experiments.features import FeatureSet
 from distortion.quantize import (
     QuantizedTensor,
@@ -12,6 +13,13 @@ from distortion.quantize import (
     choose_qparams,
     dequantize,
     quantize,
+)
+from distortion.theory.baselines import (
+    HawqSensitivity,
+    HessianTrace,
+    SakrBound,
+    hawq_v2_sensitivity,
+    sakr_bound,
 )
 from distortion.theory.binary import (
     BayesRisk,
@@ -25,18 +33,37 @@ from distortion.theory.binary import (
 )
 from distortion.theory.binary import distortion as binary_distortion
 from distortion.theory.gaussian import GaussianModel
+from distortion.theory.multiclass import (
+    MulticlassDistortion,
+    SemiParametricDistortion,
+    multiclass_accuracy,
+    multiclass_distortion,
+    multiclass_distortion_actual,
+    semiparametric_distortion,
+)
+from distortion.theory.multilayer import GradientGrams, MultilayerDistortion, multilayer_distortion
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyLossEstimator",
+    "AccuracyLossPrediction",
     "BayesRisk",
+    "BitAllocation",
     "DistortionCurve",
     "DistortionResult",
     "FeatureSet",
     "FlipResult",
     "GaussianModel",
+    "GradientGrams",
+    "HawqSensitivity",
+    "HessianTrace",
+    "MulticlassDistortion",
+    "MultilayerDistortion",
     "QuantParams",
     "QuantizedTensor",
+    "SakrBound",
+    "SemiParametricDistortion",
     "UniformQuantizer",
     "__version__",
     "bayes_risk",
@@ -45,6 +72,13 @@ __all__ = [
     "dequantize",
     "distortion_curve",
     "flip_probability",
+    "hawq_v2_sensitivity",
+    "multiclass_accuracy",
+    "multiclass_distortion",
+    "multiclass_distortion_actual",
+    "multilayer_distortion",
     "quantize",
     "risk_of_weights",
+    "sakr_bound",
+    "semiparametric_distortion",
 ]
