@@ -608,7 +608,7 @@ class AccuracyLossEstimator:
         quantizer: UniformQuantizer | None = None,
         criterion: Literal["mean", "band"] = "mean",
     ) -> int:
-        """Smallest bit-width whose predicted accuracy loss is at most ``max_loss``.
+        """Smallest bit-width from which the predicted accuracy loss stays at most ``max_loss``.
 
         Parameters
         ----------
@@ -635,7 +635,12 @@ class AccuracyLossEstimator:
             raise ValueError(
                 "the accuracy loss is unknown (no labels, or no band): fit with labels"
             )
-        ok = np.flatnonzero(loss <= max_loss)
+        # The smallest bit-width from which every larger candidate meets the budget: the
+        # predicted loss need not be monotone (the 1-bit sign quantizer, sampling noise).
+        order = np.argsort(pred.bits)
+        meets = (loss <= max_loss)[order]
+        tail = np.flip(np.logical_and.accumulate(np.flip(meets)))
+        ok = order[np.flatnonzero(tail)]
         if ok.size == 0:
             raise ValueError(
                 f"no bit-width in {pred.bits.tolist()} has a predicted loss <= {max_loss} "

@@ -203,3 +203,19 @@ def test_predict_command(real_data, tmp_path, capsys):
     bad = args[:-5] + ["--layers", "nope", "--quiet", "--cache-dir", str(tmp_path)]
     assert main(bad) == 2
     assert "unknown layer" in capsys.readouterr().err
+
+
+def test_min_bits_holds_for_every_larger_bit_width():
+    # The predicted loss need not fall monotonically (1-bit sign quantizer, noise): min_bits
+    # returns the bit-width from which every larger candidate meets the budget.
+    fs = _feature_set(seed=5, n=400, d=16, k=5)
+    est = AccuracyLossEstimator(UniformQuantizer(4), n_realizations=40).fit(fs)
+    bits = list(range(1, 11))
+    loss = est.predict(bits=bits).accuracy_loss
+    for budget in (0.001, 0.005, 0.02):
+        if not np.any(loss <= budget):
+            continue
+        b = est.min_bits(max_loss=budget, bits=bits)
+        i = bits.index(b)
+        assert np.all(loss[i:] <= budget)
+        assert i == 0 or loss[i - 1] > budget
