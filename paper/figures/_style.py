@@ -9,7 +9,17 @@ from typing import Any
 
 import _paths
 
-__all__ = ["figsize", "load_comparison", "main", "missing", "save", "setup"]
+__all__ = [
+    "figsize",
+    "hypothesis_reports",
+    "load_comparison",
+    "main",
+    "missing",
+    "pretty_model",
+    "save",
+    "series_grid",
+    "setup",
+]
 
 
 def setup() -> None:
