@@ -43,6 +43,7 @@ QUICK_DIMS = (16, 128)
 SEPARATIONS = (1.0, 2.0, 4.0)  # Mahalanobis distance between the class means
 COVARIANCES = ("isotropic", "spiked")
 WEIGHTS = ("lda", "heavy")
+METHODS = ("taylor", "moment", "mixture")
 REL_TOL = 0.05
 Z_TOL = 3.0
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                 b,
                 bits=bits,
                 quantizer_options={"granularity": args.granularity},
-                methods=("taylor", "moment", "montecarlo", "actual"),
+                methods=("taylor", "moment", "mixture", "montecarlo", "actual"),
                 n_draws=n_draws,
                 seed=rng,
             )
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                     "se_mc": se,
                     "d_taylor": r[("distortion", "taylor")],
                     "d_moment": r[("distortion", "moment")],
+                    "d_mixture": r[("distortion", "mixture")],
                     "d_actual": r[("distortion", "actual")],
                     "spread_mc": r[("spread", "montecarlo")],
                     "spread_closed": r[("spread", "taylor")],
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                         ).max()
                     ),
                 }
-                for m in ("taylor", "moment"):
+                for m in METHODS:
                     row[f"rel_{m}"] = (row[f"d_{m}"] - mc) / abs(mc)
                     row[f"z_{m}"] = (row[f"d_{m}"] - mc) / se
                     row[f"ok_{m}"] = bool(
@@ -174,7 +176,7 @@ def summarize(table: pd.DataFrame, min_bits: int = 4) -> str:
         f"== agreement with Monte Carlo for bits >= {min_bits} "
         f"(|rel| <= {REL_TOL:.0%} or |z| <= {Z_TOL:g}) =="
     )
-    for m in ("taylor", "moment"):
+    for m in METHODS:
         ok = hi[f"ok_{m}"]
         worst = hi.loc[hi[f"rel_{m}"].abs().idxmax()]
         out.append(
@@ -182,7 +184,7 @@ def summarize(table: pd.DataFrame, min_bits: int = 4) -> str:
             f"(d={worst.d}, {worst.covariance}, sep={worst.separation}, {worst.weights}, "
             f"b={worst.bits}, z={worst[f'z_{m}']:.2f})"
         )
-    counts = table.groupby("bits")[["ok_taylor", "ok_moment"]].sum().astype(int)
+    counts = table.groupby("bits")[[f"ok_{m}" for m in METHODS]].sum().astype(int)
     counts["cases"] = table.groupby("bits").size()
     out.append("agreeing cases by bits:\n" + counts.T.to_string())
     out.append("")
@@ -190,8 +192,10 @@ def summarize(table: pd.DataFrame, min_bits: int = 4) -> str:
     by_bits = table.groupby("bits").agg(
         taylor=("rel_taylor", lambda s: s.abs().max()),
         moment=("rel_moment", lambda s: s.abs().max()),
+        mixture=("rel_mixture", lambda s: s.abs().max()),
         taylor_median=("rel_taylor", lambda s: s.abs().median()),
         moment_median=("rel_moment", lambda s: s.abs().median()),
+        mixture_median=("rel_mixture", lambda s: s.abs().median()),
         flip_closed=("rel_flip", lambda s: s.abs().max()),
         spread=("rel_spread", lambda s: s.abs().max()),
         mc_rel_se=("se_mc", "size"),
@@ -207,12 +211,14 @@ def summarize(table: pd.DataFrame, min_bits: int = 4) -> str:
     case = hi.groupby(keys).agg(
         taylor_b4=("rel_taylor", lambda s: s.abs().max()),
         moment_b4=("rel_moment", lambda s: s.abs().max()),
+        mixture_b4=("rel_mixture", lambda s: s.abs().max()),
         flip_b4=("rel_flip", lambda s: s.abs().max()),
     )
     case = case.join(
         lo.groupby(keys).agg(
             taylor_b23=("rel_taylor", lambda s: s.abs().max()),
             moment_b23=("rel_moment", lambda s: s.abs().max()),
+            mixture_b23=("rel_mixture", lambda s: s.abs().max()),
         )
     )
     case["risk"] = table.groupby(keys)["risk"].first()
@@ -224,7 +230,7 @@ def summarize(table: pd.DataFrame, min_bits: int = 4) -> str:
         n_ok = np.argmin(ok) if not ok.all() else ok.size
         return bits[n_ok - 1] if n_ok else np.nan
 
-    for m in ("taylor", "moment"):
+    for m in METHODS:
         case[f"{m}_ok_from"] = table.groupby(keys).apply(
             lambda g, m=m: first_ok(g, f"ok_{m}"), include_groups=False
         )
@@ -255,7 +261,7 @@ def summarize(table: pd.DataFrame, min_bits: int = 4) -> str:
     )
     out.append("")
     out.append("== signed relative error (closed - MC) / |MC| by bits, each case ==")
-    piv = table.pivot_table(index=keys, columns="bits", values=["rel_taylor", "rel_moment"])
+    piv = table.pivot_table(index=keys, columns="bits", values=[f"rel_{m}" for m in METHODS])
     out.append(piv.to_string(float_format=lambda x: f"{x:+.2f}"))
     return "\n".join(out)
 

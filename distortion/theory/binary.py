@@ -11,6 +11,9 @@ index 0 ("class 1") when :math:`s = v^\top x + c > 0` with :math:`v = w_1 - w_2`
   \nabla^2 R(v)` (eq. B9), with analytic gradient and Hessian (eqs. B4--B7);
 * ``"moment"``: moment matching of the quantized logit difference (eqs. B10--B11), valid
   beyond small steps;
+* ``"mixture"``: the quantized logit difference as a Gaussian mixture over the error's
+  projection on :math:`\Sigma_k v` (eqs. B21--B22): non-perturbative like moment matching,
+  exact to second order in the step like Taylor;
 * ``"montecarlo"``: exact under H_G and H_U, averaging the exact risk over draws of
   :math:`E` (eq. B16).
 
@@ -28,6 +31,7 @@ References
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,13 +62,16 @@ __all__ = [
     "risk_of_weights",
 ]
 
-DistortionMethod = Literal["taylor", "moment", "montecarlo"]
-CurveMethod = Literal["taylor", "moment", "montecarlo", "actual"]
+DistortionMethod = Literal["taylor", "moment", "mixture", "montecarlo"]
+CurveMethod = Literal["taylor", "moment", "mixture", "montecarlo", "actual"]
+_CLOSED = ("taylor", "moment", "mixture")
 FlipMethod = Literal["closed", "montecarlo"]
 
 _SQRT_2PI = np.sqrt(2.0 * np.pi)
 #: sign of the error event of each class: class 0 errs when s <= 0, class 1 when s > 0 (eq. B3)
 _EPS = np.array([1.0, -1.0])
+#: Gauss--Hermite nodes of the mixture form (eq. B22)
+_GH_NODES = 64
 #: antithetic pairs of quantization-error draws per block of the Monte Carlo
 _CHUNK_ELEMENTS = 2**21
 
@@ -687,6 +694,36 @@ def _moment_risk(st: BinaryLayerStats, s2: float) -> tuple[float, float]:
     return d, float(st.priors @ ndtr(x_hat))
 
 
+def _mixture_risk(st: BinaryLayerStats, s2: float) -> tuple[float, float]:
+    r"""Distortion and quantized risk of the mixture form (eqs. B21--B22)."""
+    mu, u = st.model.means, st.u
+    tr = _model_cache(st.model)["trace"]
+    uu = np.einsum("ka,ka->k", u, u)
+    mu_u = np.einsum("ka,ka->k", mu, u)
+    mm = np.einsum("ka,ka->k", mu, mu)
+    safe = np.where(uu > 0, uu, 1.0)
+    rho = np.where(uu > 0, mu_u / safe, 0.0)  # E[p | w] = rho w
+    cond = np.maximum(mm - rho * mu_u, 0.0)  # Var(p | w) / s^2
+    x, wts = _gauss_hermite()
+    w = np.sqrt(2.0 * s2 * uu)[:, None] * x  # (2, n) nodes of w ~ N(0, s^2 |u|^2)
+    var = (st.scale**2 + s2 * (tr + cond))[:, None] + 2.0 * w  # (eq. B21)
+    var = np.maximum(var, _VAR_FLOOR * st.scale[:, None] ** 2)
+    arg = -_EPS[:, None] * (st.margin[:, None] + rho[:, None] * w) / np.sqrt(var)
+    x0 = -_EPS * st.margin / st.scale
+    d = float(st.priors @ (_phi_diff(arg, x0[:, None]) @ wts))  # (eq. B22)
+    return d, st.risk + d
+
+
+@functools.cache
+def _gauss_hermite() -> tuple[np.ndarray, np.ndarray]:
+    """Nodes x_i and weights w_i with E f(sigma Z) = sum_i w_i f(sqrt(2) sigma x_i), Z ~ N(0, 1)."""
+    x, w = np.polynomial.hermite.hermgauss(_GH_NODES)
+    return x, w / np.sqrt(np.pi)
+
+#: floor of the conditional margin variance, relative to tau_k^2 (eq. B21, far tail only)
+_VAR_FLOOR = 1e-6
+
+
 def _spread(st: BinaryLayerStats, s2: float, kappa: float) -> float:
     var = s2 * float(st.gradient @ st.gradient)  # (eq. B12), first order
     if np.isfinite(st.hessian_fro2):
@@ -870,9 +907,11 @@ def distortion(
         per channel). Exactly one of ``quantizer`` and ``step``.
     step : float or array of shape (2,), optional
         Quantization step :math:`\Delta` (per tensor) or :math:`\Delta_j` per row.
-    method : {"taylor", "moment", "montecarlo"}, default "taylor"
-        Second-order delta method (eq. B9), moment matching (eq. B11), or Monte Carlo over
-        the uniform error, exact under H_G and H_U (eq. B16).
+    method : {"taylor", "moment", "mixture", "montecarlo"}, default "taylor"
+        Second-order delta method (eq. B9), moment matching (eq. B11), the Gaussian mixture
+        over the error's projection on :math:`\Sigma_k v` (eqs. B21--B22: non-perturbative
+        like moment matching and exact to second order like Taylor, so without the bias
+        B19), or Monte Carlo over the uniform error, exact under H_G and H_U (eq. B16).
     n_draws : int, default 2000
         Antithetic pairs of error draws (``"montecarlo"`` only).
     seed : int, Generator or None
@@ -901,8 +940,10 @@ def distortion(
     \sum_i (\nabla^2R)_{ii}^2)}` for the closed forms (eq. B12) and the sample standard
     deviation of :math:`R(W+E)` for Monte Carlo.
     """
-    if method not in ("taylor", "moment", "montecarlo"):
-        raise ValueError(f"method must be 'taylor', 'moment' or 'montecarlo', got {method!r}")
+    if method not in ("taylor", "moment", "mixture", "montecarlo"):
+        raise ValueError(
+            f"method must be 'taylor', 'moment', 'mixture' or 'montecarlo', got {method!r}"
+        )
     v, c = _layer(model, W, b)
     steps = _steps_from(W, quantizer, step)
     st = _prepare(model, v, c, second_order=second_order_spread and method != "montecarlo")
@@ -925,6 +966,8 @@ def distortion(
     if method == "taylor":
         d = _taylor(st, s2)
         rq = st.risk + d
+    elif method == "mixture":
+        d, rq = _mixture_risk(st, s2)
     else:
         d, rq = _moment_risk(st, s2)
     return DistortionResult(
@@ -1110,7 +1153,7 @@ def distortion_curve(
         Keyword arguments of :class:`distortion.quantize.UniformQuantizer` (``scheme``,
         ``granularity``, ``clipping``, ...); the step of each bit-width is that of
         ``UniformQuantizer(bits, **quantizer_options).quantize(W)``.
-    methods : sequence of {"taylor", "moment", "montecarlo", "actual"}
+    methods : sequence of {"taylor", "moment", "mixture", "montecarlo", "actual"}
         ``"actual"`` is level 2: the risk of the actually quantized weights (eq. B3) minus
         :math:`R(W)`, and their exact flip probability (eq. B17); needs a quantizer.
     n_draws : int, default 2000
@@ -1138,11 +1181,11 @@ def distortion_curve(
     if bits_arr.ndim != 1 or bits_arr.size == 0 or np.any((bits_arr < 1) | (bits_arr > 16)):
         raise ValueError(f"bits must be a non-empty sequence of integers in 1..16, got {bits!r}")
     methods = tuple(methods)
-    bad = [m for m in methods if m not in ("taylor", "moment", "montecarlo", "actual")]
+    bad = [m for m in methods if m not in (*_CLOSED, "montecarlo", "actual")]
     if not methods or bad:
         raise ValueError(
-            f"methods must be a non-empty subset of 'taylor', 'moment', 'montecarlo', "
-            f"'actual'; got {methods!r}"
+            f"methods must be a non-empty subset of 'taylor', 'moment', 'mixture', "
+            f"'montecarlo', 'actual'; got {methods!r}"
         )
     if "actual" in methods and steps is not None:
         raise ValueError(
@@ -1150,7 +1193,7 @@ def distortion_curve(
         )
     v, c = _layer(model, W, b)
     step_rows, qts = _curve_steps(W, bits_arr, steps, quantizer_options, "actual" in methods)
-    closed = any(m in ("taylor", "moment") for m in methods)
+    closed = any(m in _CLOSED for m in methods)
     st = _prepare(model, v, c, second_order=closed and second_order_spread)
     nb, nm = bits_arr.size, len(methods)
     out = {k: np.full((nb, nm), np.nan) for k in ("d", "se", "sp", "fl", "fse")}
@@ -1167,7 +1210,9 @@ def distortion_curve(
                 out["d"][i, j] = _taylor(st, s2)
             elif meth == "moment":
                 out["d"][i, j] = _moment_risk(st, s2)[0]
-            if meth in ("taylor", "moment"):
+            elif meth == "mixture":
+                out["d"][i, j] = _mixture_risk(st, s2)[0]
+            if meth in _CLOSED:
                 out["sp"][i, j] = _spread(st, s2, kappa)
                 if fk_closed is not None:
                     out["fl"][i, j] = float(st.priors @ fk_closed)
