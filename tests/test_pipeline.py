@@ -154,6 +154,20 @@ def test_summary_table_formats_rates_in_points():
         "granularity": ["tensor"] * 2, "bits": [3, 4], "L3_flip_abs_error": [0.01, 0.03],
         "L3_flip_in_band": [True, False],
     })  # fmt: skip
-    text = summary_table(Comparison(t), {"m": 0.9})
-    assert "m 90.00 %" in text and "2.00" in text and "50 %" in text
+    text = summary_table(Comparison(t), {"m": 0.9}, split_bits=5)
+    assert "m 90.00 %" in text and "2.00" in text and "50 %" in text and "3-4" in text
     assert np.isclose(Comparison(t).summary()["L3_flip_in_band"].iloc[0], 0.5)
+    split = Comparison(t).summary(split_bits=4)
+    assert split["bits"].tolist() == ["3", "4"]
+    assert split["L3_flip_in_band"].tolist() == [1.0, 0.0]
+    verdicts = pd.DataFrame([
+        {"model": "m", "granularity": "tensor", "bits": b, "layers": "last", "problem": None,
+         "H_U_fails": f, "H_U_marginal": 0.0, "H_U_layers": 1}
+        for b, f in ((3, 1.0), (4, 0.0))
+    ] + [{"model": "m", "layers": "last", "problem": "p", "H_G_margins_fail": 0.25,
+          "H_G_margins": 4}])  # fmt: skip
+    text = summary_table(Comparison(t), None, verdicts, split_bits=4)
+    lines = text.splitlines()
+    assert "H_U fails" in lines[0] and "H_G margins fail" in lines[0]
+    assert "100 %" in lines[1]
+    assert "25 %" in lines[1] and "0 %" in lines[2]

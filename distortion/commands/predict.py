@@ -19,6 +19,13 @@ import argparse
 import re
 import sys
 
+from distortion.commands._common import (
+    add_model_args,
+    add_runtime_args,
+    add_subset_args,
+    load_model_and_dataset,
+)
+
 __all__ = ["add_parser", "parse_bits", "run"]
 
 
@@ -51,8 +58,6 @@ def _bits_arg(text: str) -> list[int]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``predict`` subcommand to ``subparsers`` and return its parser."""
-    from distortion.experiments.models import MODELS  # torch-free at import
-
     p = subparsers.add_parser(
         "predict",
         help="predict the accuracy loss of a quantized network, per bit-width",
@@ -62,20 +67,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "of one realization of the quantization error."
         ),
     )
-    p.add_argument("--model", required=True, choices=list(MODELS), help="network")
-    p.add_argument("--weights", metavar="FILE", help="checkpoint file (default: searched)")
-    p.add_argument(
-        "--data",
-        metavar="PATH|NAME",
-        help="a .npz file, a folder, or cifar10 / cifar100 / imagenet (default: the model's)",
-    )
+    add_model_args(p)
     p.add_argument("--bits", default="2-8", type=_bits_arg, help="bit-widths, e.g. 2-8 or 2,4,8")
     p.add_argument(
         "--layers",
         default="all",
         help="'last', 'all', or comma-separated layer names (default all)",
     )
-    p.add_argument("--n", type=int, default=1000, metavar="N", help="images used (default 1000)")
+    add_subset_args(p, n_default=1000, per_class=False, classes=False)
     p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric")
     p.add_argument("--granularity", choices=("tensor", "channel"), default="tensor")
     p.add_argument("--clipping", choices=("max", "mse"), default="max")
@@ -94,10 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--realizations", type=int, default=40, help="realizations behind the band")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--cache-dir", metavar="DIR", help="cache (default $DISTORTION_CACHE)")
-    p.add_argument("--download", action="store_true", help="download missing data / weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_args(p, no_cache=False)
     return p
 
 
@@ -106,11 +102,8 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from distortion.estimator import AccuracyLossEstimator
-    from distortion.experiments.data import load_dataset
-    from distortion.experiments.models import get_spec, load_model
     from distortion.quantize import UniformQuantizer
 
-    spec = get_spec(args.model)
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be a positive integer, got {args.n}")
     layers = args.layers if args.layers in ("all", "last") else args.layers.split(",")
@@ -121,11 +114,7 @@ def run(args: argparse.Namespace) -> int:
         clipping=args.clipping,
         rounding=args.rounding,
     )
-    source = args.data if args.data is not None else spec.dataset
-    dataset = load_dataset(
-        source, preprocessing=spec.preprocessing, n=args.n, download=args.download
-    )
-    model = load_model(args.model, args.weights, device=args.device, download=args.download)
+    _, dataset, model = load_model_and_dataset(args)
     est = AccuracyLossEstimator(
         quantizer,
         layers=layers,

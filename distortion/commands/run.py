@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from distortion.commands._common import add_runtime_args
+
 __all__ = ["add_parser", "run"]
 
 
@@ -47,9 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--out", metavar="DIR", help="results folder (default experiments/results/<name>)"
     )
-    p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default $DISTORTION_CACHE)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_args(p, device=False, no_cache=False, download=False)
     return p
 
 

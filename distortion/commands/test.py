@@ -14,6 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distortion.commands._common import (
+    add_model_args,
+    add_runtime_args,
+    add_subset_args,
+    extract_features_from_args,
+    load_model_and_dataset,
+)
+
 __all__ = ["add_parser", "parse_bits", "run"]
 
 
@@ -39,8 +47,6 @@ def parse_bits(text: str) -> list[int]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``test`` subcommand to ``subparsers`` and return its parser."""
-    from distortion.experiments.models import MODELS  # torch-free at import
-
     p = subparsers.add_parser(
         "test",
         help="test the Gaussian-feature and uniform-error hypotheses on a network",
@@ -50,17 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "quantizer), with effect sizes and verdicts; write CSV tables and figures."
         ),
     )
-    p.add_argument("--model", required=True, choices=list(MODELS), help="network")
-    p.add_argument("--weights", metavar="FILE", help="checkpoint file (default: looked up)")
-    p.add_argument(
-        "--data",
-        metavar="PATH|NAME",
-        help="a .npz file, a folder, or cifar10/cifar100/imagenet (default: the model's)",
-    )
+    add_model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--n", type=int, metavar="N", help="use the first N images")
-    p.add_argument("--per-class", type=int, metavar="N", help="use N images per class")
-    p.add_argument("--classes", metavar="A,B,...", help="keep these classes")
+    add_subset_args(p)
     p.add_argument("--bits", default="2-8", help="bit-widths, e.g. 2-8 or 4,8 (default 2-8)")
     p.add_argument(
         "--layers",
@@ -75,13 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--n-components", type=int, default=10, help="PCs for multivariate tests")
     p.add_argument("--alpha", type=float, default=0.05, help="level gating the verdicts")
     p.add_argument("--seed", type=int, default=0, help="seed (--per-class draw, rounding)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="cpu", help="torch device for feature extraction")
-    p.add_argument("--cache-dir", metavar="DIR", help="cache (default $DISTORTION_CACHE)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write caches")
     p.add_argument("--no-figures", action="store_true", help="write the CSV files only")
-    p.add_argument("--download", action="store_true", help="download missing data/weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_args(p, batch_size=True, device_help="torch device for feature extraction")
     return p
 
 
@@ -90,10 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from distortion.experiments import _paths
-    from distortion.experiments.data import load_dataset
-    from distortion.experiments.features import extract_features
     from distortion.experiments.hypotheses import run_hypothesis_tests
-    from distortion.experiments.models import get_spec, load_model
     from distortion.quantize import UniformQuantizer
 
     bits = parse_bits(args.bits)
@@ -103,27 +93,8 @@ def run(args: argparse.Namespace) -> int:
     quantizers = {f"per_{g}": UniformQuantizer(8, granularity=g) for g in grans}
     layers = args.layers if args.layers in ("all", "last") else args.layers.split(",")
 
-    spec = get_spec(args.model)
-    source = args.data if args.data is not None else spec.dataset
-    dataset = load_dataset(
-        source,
-        preprocessing=spec.preprocessing,
-        n=args.n,
-        per_class=args.per_class,
-        classes=args.classes,
-        seed=args.seed,
-        download=args.download,
-    )
-    model = load_model(args.model, args.weights, device="cpu", download=args.download)
-    fs = extract_features(
-        model,
-        dataset,
-        batch_size=args.batch_size,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        cache=not args.no_cache,
-        progress=not args.quiet,
-    )
+    _, dataset, model = load_model_and_dataset(args, model_device="cpu", seed=args.seed)
+    fs = extract_features_from_args(args, model, dataset)
     report = run_hypothesis_tests(
         fs,
         model,

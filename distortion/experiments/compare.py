@@ -87,21 +87,38 @@ class Comparison:
         """A copy of the table."""
         return self.table.copy()
 
-    def summary(self) -> pd.DataFrame:
-        """Aggregates per model × problem × layer set × granularity.
+    def summary(self, split_bits: int | None = None) -> pd.DataFrame:
+        """Aggregates per model × problem × layer set × granularity (× bit range).
 
         Mean absolute error of the flip rate and loss of each level, the fraction of cells
         whose measured flip rate is inside the level-3 band, and the number of cells.
+
+        Parameters
+        ----------
+        split_bits : int, optional
+            Also split the cells into bit-widths below ``split_bits`` and from it on (column
+            ``bits``, e.g. ``"2-3"`` and ``"4-8"``): first-order models are meant for the
+            upper range, and one range must not hide the other.
         """
         t = self.table
         groups = ["model", "problem", "layers", "granularity"]
+        if split_bits is not None and len(t):
+            t = t.assign(bit_range=np.where(t["bits"] < split_bits, 0, 1))
+            groups.append("bit_range")
         err_cols = [c for c in t.columns if c.endswith("_abs_error")]
         agg = {c: "mean" for c in err_cols}
         if "L3_flip_in_band" in t:
             agg["L3_flip_in_band"] = "mean"
-        agg["bits"] = "count"
-        out = t.groupby(groups, sort=False).agg(agg).rename(columns={"bits": "cells"})
-        return out.reset_index()
+        agg["cells"] = ("bits", "count")
+        named = {k: (k, v) if isinstance(v, str) else v for k, v in agg.items()}
+        if split_bits is not None and len(t):
+            named["bits_min"], named["bits_max"] = ("bits", "min"), ("bits", "max")
+        out = t.groupby(groups, sort=False).agg(**named).reset_index()
+        if "bits_min" in out:
+            lo, hi = out.pop("bits_min").astype(int), out.pop("bits_max").astype(int)
+            out["bits"] = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(lo, hi, strict=True)]
+            out = out.drop(columns="bit_range")
+        return out
 
     @classmethod
     def concat(cls, parts: Sequence[Comparison]) -> Comparison:

@@ -36,6 +36,7 @@ __all__ = [
     "ExperimentResult",
     "StageError",
     "run_experiment",
+    "hypothesis_verdicts",
     "summary_table",
 ]
 
@@ -273,7 +274,7 @@ def run_experiment(
     weights = weights or {}
     n_stages = len(config.models) * (4 + (config.all_layers_n > 0)) + 1 + figures
     stage = _Stages(n_stages, stream)
-    parts, accuracies = [], {}
+    parts, accuracies, verdicts = [], {}, []
     with stage("load data"):
         source = _resolve_source(config.data_source, data)
         dataset = load_dataset(source, n=config.n)
@@ -287,11 +288,12 @@ def run_experiment(
             first = fs.split_mask(config.fit_fraction, seed=config.seed)
             fit, evaluate = fs.select(first), fs.select(~first)
         with stage(f"{name}: hypothesis tests"):
-            run_hypothesis_tests(
+            report = run_hypothesis_tests(
                 fs, model, bits=config.hypotheses_bits, n_components=config.n_components,
                 seed=config.seed, out_dir=out / "hypotheses" / name, figures=figures,
                 cache_dir=cache, progress=progress,
             )  # fmt: skip
+            verdicts.append(hypothesis_verdicts(report, name, config.problems))
         with stage(f"{name}: last layer, predicted vs measured"):
             for prob in config.problems:
                 parts.append(
@@ -329,7 +331,10 @@ def run_experiment(
             from distortion.plotting.compare import save_comparison_figures
 
             save_comparison_figures(comparison, out / "figures")
-    text = summary_table(comparison, accuracies)
+    verdict_table = pd.concat(verdicts, ignore_index=True) if verdicts else None
+    if verdict_table is not None:
+        verdict_table.to_csv(out / "hypothesis_verdicts.csv", index=False)
+    text = summary_table(comparison, accuracies, verdict_table)
     (out / "summary.txt").write_text(text + "\n")
     meta = {"config": config.to_dict(), "timings_s": stage.timings, "accuracies": accuracies}
     (out / "run.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -349,14 +354,59 @@ def _evaluation_images(dataset: Any, mask: np.ndarray, n: int) -> Any:
     )  # fmt: skip
 
 
-def summary_table(comparison: Any, accuracies: dict[str, float] | None = None) -> str:
-    """The printed summary: per model × problem × layers × granularity, the mean absolute
-    error of each level's flip rate (percentage points) and the level-3 band coverage."""
-    s = comparison.summary()
+def hypothesis_verdicts(report: Any, model: str, problems: Sequence[Problem]) -> pd.DataFrame:
+    """Per model × granularity × bit-width: the share of layers whose quantization error
+    fails (or is marginal for) the uniform hypothesis H_U — the last layer, and all tested
+    layers — and, per problem, the share of logit margins that fail the Gaussian
+    hypothesis H_G (same for every bit-width). Feeds the summary's verdict columns.
+    """
+    from distortion.experiments.hypotheses import ALL_LAYERS
+
+    u = report.uniform
+    per = u[u["layer"] != ALL_LAYERS]
+    last = report.provenance.get("last_layer")
+    g = report.gaussian
+    margins = g[g["kind"] == "margin"]
+    rows = []
+    for (gran, bits), part in per.groupby(["granularity", "bits"], sort=True):
+        for layers, sel in (("last", part[part["layer"] == last]), ("all", part)):
+            if not len(sel):
+                continue
+            rows.append({
+                "model": model, "granularity": gran, "bits": int(bits), "layers": layers,
+                "problem": None, "H_U_fails": float(np.mean(sel["verdict"] == "fails")),
+                "H_U_marginal": float(np.mean(sel["verdict"] == "marginal")),
+                "H_U_layers": len(sel),
+            })  # fmt: skip
+    for prob in problems:
+        sel = margins if prob.classes is None else margins[margins["class_name"].isin(prob.classes)]
+        if len(sel):
+            rows.append({
+                "model": model, "granularity": None, "bits": None, "layers": "last",
+                "problem": prob.name, "H_G_margins_fail": float(np.mean(sel["verdict"] == "fails")),
+                "H_G_margins": len(sel),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def summary_table(
+    comparison: Any,
+    accuracies: dict[str, float] | None = None,
+    verdicts: pd.DataFrame | None = None,
+    *,
+    split_bits: int = 4,
+) -> str:
+    """The printed summary: per model × problem × layers × granularity × bit range (below
+    ``split_bits`` and from it on), the mean absolute error of each level's flip rate and of
+    Sakr's bound (percentage points), the level-3 band coverage and, from ``verdicts``
+    (:func:`hypothesis_verdicts`), the share of H_U failures among the quantized layers
+    over those bit-widths and of H_G failures among the logit margins (last layer)."""
+    s = comparison.summary(split_bits=split_bits)
     if s.empty:
         return "(no cells)"
     cols = [c for c in s.columns if c.endswith("flip_abs_error")]
-    show = s[["model", "problem", "layers", "granularity", "cells", *cols]].copy()
+    keys = ["model", "problem", "layers", "granularity", *(["bits"] if "bits" in s else [])]
+    show = s[[*keys, "cells", *cols]].copy()
     for c in cols:
         show[c] = 100 * show[c]
     show = show.rename(columns={c: c.replace("_flip_abs_error", " |err| pp") for c in cols})
@@ -364,10 +414,46 @@ def summary_table(comparison: Any, accuracies: dict[str, float] | None = None) -
         show["L3 in band"] = s["L3_flip_in_band"].map(
             lambda v: f"{100 * v:.0f} %" if pd.notna(v) else "-"
         )
+    if verdicts is not None and len(verdicts):
+        show["H_U fails"] = [_hu_share(verdicts, r, split_bits) for r in s.itertuples()]
+        show["H_G margins fail"] = [_hg_share(verdicts, r) for r in s.itertuples()]
     lines = []
     if accuracies:
         lines.append(
             "float accuracy: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in accuracies.items())
         )
     lines.append(show.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    if verdicts is not None and len(verdicts):
+        lines.append(
+            "H_U fails: share of (quantized layer x bit-width) whose error fails the uniform "
+            "hypothesis; H_G margins fail: share of logit margins failing normality (last layer)."
+        )
     return "\n".join(lines)
+
+
+def _bit_range(label: Any, split_bits: int) -> tuple[int, int]:
+    text = str(label)
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
+def _hu_share(verdicts: pd.DataFrame, row: Any, split_bits: int) -> str:
+    if "H_U_fails" not in verdicts:
+        return "-"
+    lo, hi = _bit_range(getattr(row, "bits", "1-16"), split_bits)
+    v = verdicts[
+        (verdicts["model"] == row.model) & (verdicts["layers"] == row.layers)
+        & (verdicts["granularity"] == row.granularity) & verdicts["bits"].between(lo, hi)
+    ]  # fmt: skip
+    v = v.dropna(subset=["H_U_fails"])
+    if not len(v):
+        return "-"
+    return f"{100 * np.average(v['H_U_fails'], weights=v['H_U_layers']):.0f} %"
+
+
+def _hg_share(verdicts: pd.DataFrame, row: Any) -> str:
+    if row.layers != "last" or "H_G_margins_fail" not in verdicts:
+        return "-"
+    v = verdicts[(verdicts["model"] == row.model) & (verdicts["problem"] == row.problem)]
+    v = v.dropna(subset=["H_G_margins_fail"])
+    return f"{100 * v['H_G_margins_fail'].iloc[0]:.0f} %" if len(v) else "-"

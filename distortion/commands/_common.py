@@ -1,0 +1,219 @@
+"""Options and loading steps shared by the subcommands (``extract``, ``test``, ``predict``, ...).
+
+The ``add_*_args`` helpers add one group of options to a subcommand's parser, with the same
+names, types and help texts wherever they appear; :func:`load_model_and_dataset` and
+:func:`extract_features_from_args` turn those options into the network, the images and their
+features. Light module, like the commands: torch is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from distortion.experiments.data import ImageDataset
+    from distortion.experiments.features import FeatureSet
+    from distortion.experiments.models import ModelSpec
+
+__all__ = [
+    "add_model_args",
+    "add_runtime_args",
+    "add_subset_args",
+    "extract_features_from_args",
+    "load_model_and_dataset",
+]
+
+#: Options of :func:`add_subset_args`, passed on to ``load_dataset`` when a parser has them.
+_SUBSET_OPTIONS: tuple[str, ...] = ("n", "per_class", "classes")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Add ``--model`` (required), ``--weights`` and ``--data`` to ``p``.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The subcommand's parser.
+    """
+    from distortion.experiments.models import MODELS  # torch-free at import
+
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=list(MODELS),
+        help=f"network: {', '.join(MODELS)}",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="checkpoint file (default: $DISTORTION_WEIGHTS, then <DISTORTION_DATA>/models/)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH|NAME",
+        help=(
+            "a .npz file, a folder (torchvision CIFAR root or ImageFolder tree), or cifar10, "
+            "cifar100, imagenet (default: the model's dataset under $DISTORTION_DATA)"
+        ),
+    )
+
+
+def add_subset_args(
+    p: argparse.ArgumentParser,
+    *,
+    n_default: int | None = None,
+    per_class: bool = True,
+    classes: bool = True,
+) -> None:
+    """Add the image selection ``--n`` and, optionally, ``--per-class`` and ``--classes``.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The subcommand's parser.
+    n_default : int, optional
+        Default of ``--n`` (and said in its help); None keeps every image.
+    per_class, classes : bool
+        Whether to add ``--per-class`` and ``--classes``.
+    """
+    n_help = "keep the first N images"
+    if n_default is not None:
+        n_help += f" (default {n_default})"
+    p.add_argument("--n", type=int, default=n_default, metavar="N", help=n_help)
+    if per_class:
+        p.add_argument("--per-class", type=int, metavar="N", help="keep N images per class")
+    if classes:
+        p.add_argument("--classes", metavar="A,B,...", help="keep these classes, e.g. cat,dog")
+
+
+def add_runtime_args(
+    p: argparse.ArgumentParser,
+    *,
+    batch_size: bool = False,
+    device: bool = True,
+    device_help: str = "torch device (cpu, cuda, ...)",
+    cache: bool = True,
+    no_cache: bool = True,
+    download: bool = True,
+    quiet: bool = True,
+) -> None:
+    """Add the options of how a command runs, in this order, each when its flag is true.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The subcommand's parser.
+    batch_size : bool
+        ``--batch-size`` (images per forward pass, default 256).
+    device : bool
+        ``--device`` (default ``cpu``), with the help text ``device_help``.
+    device_help : str
+        Help of ``--device``.
+    cache : bool
+        ``--cache-dir`` (default ``$DISTORTION_CACHE``).
+    no_cache : bool
+        ``--no-cache``: neither read nor write the cache.
+    download : bool
+        ``--download``: download missing data or weights.
+    quiet : bool
+        ``--quiet``: no progress bars.
+    """
+    if batch_size:
+        p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    if device:
+        p.add_argument("--device", default="cpu", help=device_help)
+    if cache:
+        p.add_argument(
+            "--cache-dir", metavar="DIR", help="cache folder (default $DISTORTION_CACHE)"
+        )
+    if no_cache:
+        p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    if download:
+        p.add_argument(
+            "--download",
+            action="store_true",
+            help="download missing CIFAR data or published weights (needs a network)",
+        )
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load_model_and_dataset(
+    args: argparse.Namespace, *, model_device: str | None = None, **dataset_kwargs: Any
+) -> tuple[ModelSpec, ImageDataset, nn.Module]:
+    """Resolve ``--model``, then load the dataset and the network the options name.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed options of :func:`add_model_args` and ``--download``; those of
+        :func:`add_subset_args` the parser has (``--n``, ``--per-class``, ``--classes``)
+        select the images, and ``--device`` (when there) is where the model goes.
+    model_device : str, optional
+        Where the model goes, instead of ``args.device``.
+    **dataset_kwargs
+        Further keywords of :func:`~distortion.experiments.data.load_dataset` (``split``,
+        ``seed``, ...).
+
+    Returns
+    -------
+    spec : ModelSpec
+        The model's registry entry.
+    dataset : ImageDataset
+        ``--data`` (default: the model's dataset), with the model's preprocessing.
+    model : torch.nn.Module
+        The network with its weights, in eval mode.
+    """
+    from distortion.experiments.data import load_dataset
+    from distortion.experiments.models import get_spec, load_model
+
+    spec = get_spec(args.model)
+    source = args.data if args.data is not None else spec.dataset
+    subset = {k: getattr(args, k) for k in _SUBSET_OPTIONS if hasattr(args, k)}
+    dataset = load_dataset(
+        source,
+        preprocessing=spec.preprocessing,
+        download=args.download,
+        **subset,
+        **dataset_kwargs,
+    )
+    if model_device is None:
+        model_device = getattr(args, "device", "cpu")
+    model = load_model(args.model, args.weights, device=model_device, download=args.download)
+    return spec, dataset, model
+
+
+def extract_features_from_args(
+    args: argparse.Namespace, model: nn.Module, dataset: ImageDataset
+) -> FeatureSet:
+    """:func:`~distortion.experiments.features.extract_features` with the runtime options.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed options of :func:`add_runtime_args` with ``batch_size``, ``device``,
+        ``cache``, ``no_cache`` and ``quiet``.
+    model : torch.nn.Module
+        The network.
+    dataset : ImageDataset
+        The images.
+
+    Returns
+    -------
+    FeatureSet
+        The features, read from the cache when there (unless ``--no-cache``).
+    """
+    from distortion.experiments.features import extract_features
+
+    return extract_features(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        cache=not args.no_cache,
+        progress=not args.quiet,
+    )
