@@ -78,6 +78,14 @@ def test_small_run_outputs_schema_and_sanity(small_run):
     s = pd.read_csv(small_run / "comparison_summary.csv")
     assert {"cells", "L3_flip_in_band", "L3_flip_abs_error"} <= set(s.columns)
     assert list((small_run / "figures").glob("*.png"))
+    # the verdicts behind the summary's H_U / H_G columns: shares in [0, 1], one row per cell
+    v = pd.read_csv(small_run / "hypothesis_verdicts.csv")
+    hu = v.dropna(subset=["H_U_fails"])
+    assert set(hu["bits"]) == {3, 5, 8} and set(hu["layers"]) == {"last", "all"}
+    assert hu[["H_U_fails", "H_U_marginal"]].stack().between(0, 1).all()
+    assert (hu["H_U_fails"] + hu["H_U_marginal"] <= 1 + 1e-12).all()
+    assert set(v["problem"].dropna()) == {"10-class", "cat-vs-dog"}
+    assert "H_U fails" in (small_run / "summary.txt").read_text()
 
 
 @pytest.mark.real_data
