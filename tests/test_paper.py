@@ -68,8 +68,14 @@ def small_results(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def generated(small_results: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import matplotlib
+
     out = tmp_path_factory.mktemp("paper-out")
+    before = dict(matplotlib.rcParams)
     assert cli.main(["figures", "--results", str(small_results), "--out", str(out)]) == 0
+    # the paper style (constrained layout, fonts, seaborn theme) does not leak to the caller
+    after = dict(matplotlib.rcParams)
+    assert {k for k in before if k != "backend" and before[k] != after[k]} == set()
     return out
 
 

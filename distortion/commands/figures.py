@@ -86,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
                 f"no comparison.csv in {results}: run `distortion run` first or pass "
                 "--results DIR of a finished run"
             )
-        _style.setup()
+        import matplotlib
+
         written: list[Path] = []
-        for script in scripts:
-            written += _load(script).make(results, paper_paths.figures_dir(args.out))
-        written += _load(tables).make(results, paper_paths.tables_dir(args.out))
+        with matplotlib.rc_context():  # the paper style must not leak into the caller
+            _style.setup()
+            for script in scripts:
+                written += _load(script).make(results, paper_paths.figures_dir(args.out))
+            written += _load(tables).make(results, paper_paths.tables_dir(args.out))
     finally:
         sys.path.remove(helpers)
     for p in written:
