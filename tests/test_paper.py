@@ -127,14 +127,21 @@ def test_tables_hold_the_results(generated, small_results):
     run = json.loads((small_results / "run.json").read_text())
     assert nums["acc:resnet20"] == f"{100 * run['accuracies']['resnet20']:.2f}"
     assert nums["n:images"] == "300"
-    # the summary's first row is the first group's means
+    # the summary's first two rows are the first group's means below 4 bits and from 4 on
     g = t[(t["model"] == "resnet20") & (t["problem"] == "10-class") & (t["layers"] == "last")
           & (t["granularity"] == "tensor")]  # fmt: skip
     summary = (generated / "tables" / "summary.tex").read_text()
-    row = next(ln for ln in summary.splitlines() if ln.startswith("ResNet-20 & 10-class & last"))
-    cells = [c.strip(" \\") for c in row.split("&")]
-    assert cells[4] == str(len(g))
-    assert cells[7] == f"{100 * g['L3_flip_abs_error'].mean():.2f}"
+    rows = [ln for ln in summary.splitlines() if ln.startswith("ResNet-20 & 10-class & last")]
+    for row, part in zip(rows[:2], (g[g["bits"] < 4], g[g["bits"] >= 4]), strict=True):
+        cells = [c.strip(" \\") for c in row.split("&")]
+        lo, hi = part["bits"].min(), part["bits"].max()
+        assert cells[4] == (f"{lo}" if lo == hi else f"{lo}--{hi}")
+        assert cells[5] == str(len(part))
+        assert cells[8] == f"{100 * part['L3_flip_abs_error'].mean():.2f}"
+    a = t[t["layers"] == "all"]
+    assert nums["bits:split"] == "4"
+    assert nums["inband:all:high"] == f"{100 * a.loc[a['bits'] >= 4, 'L3_flip_in_band'].mean():.0f}"
+    assert nums["err:L3:all:low"] == f"{100 * a.loc[a['bits'] < 4, 'L3_flip_abs_error'].mean():.2f}"
     # the cell-by-cell table lists every bit-width of the first series
     body = (generated / "tables" / "cells.tex").read_text()
     bits_rows = [ln.split("&")[0].strip() for ln in body.splitlines() if re.match(r"^\d+ &", ln)]

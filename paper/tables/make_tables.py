@@ -4,7 +4,8 @@ Reads ``<results>/comparison.csv``, ``<results>/hypotheses/<model>/``, ``<result
 and the two-class simulation table; writes into ``<out>/tables/``:
 
 - ``summary.tex``: mean absolute error of each level and of Sakr's bound per model x problem
-  x layer set x granularity, and the level-3 band coverage;
+  x layer set x granularity x bit range (below 4 bits and from 4 on), and the level-3 band
+  coverage;
 - ``cells.tex`` / ``cells_all.tex``: flip rate per bit-width of the first model, first
   problem and granularity, last layer / all layers;
 - ``hypotheses_gaussian.tex``, ``hypotheses_uniform.tex``: verdicts of the H_G and H_U tests;
@@ -31,6 +32,7 @@ import _paths  # noqa: E402
 __all__ = ["make"]
 
 PP = 100.0  # fractions -> percent / percentage points
+SPLIT_BITS = 4  # summaries report bit-widths below this and from it on separately
 
 
 # --------------------------------------------------------------------------- formatting
@@ -105,35 +107,41 @@ def _write(out: Path, name: str, text: str) -> Path:
 
 
 # --------------------------------------------------------------------------- the tables
-def summary_table(t: Any) -> str:
-    """Per model x problem x layers x granularity: cells, mean |error| (pp), band coverage."""
-    keys = ["model", "problem", "layers", "granularity"]
+def summary_table(t: Any, split_bits: int = SPLIT_BITS) -> str:
+    """Per model x problem x layers x granularity x bit range (below ``split_bits`` and from
+    it on): cells, mean |error| (pp), band coverage. One range must not hide the other: the
+    first-order models are meant for the upper one."""
+    keys = ["model", "problem", "layers", "granularity", "bit_range"]
     cols = ["L1_flip_abs_error", "L2_flip_abs_error", "L3_flip_abs_error", "sakr_flip_abs_error",
             "L3_loss_abs_error"]  # fmt: skip
     present = [c for c in cols if c in t]
+    t = t.assign(bit_range=(t["bits"] >= split_bits).astype(int))
     agg = t.groupby(keys, sort=False).agg(
-        cells=("bits", "size"), **{c: (c, "mean") for c in present},
+        cells=("bits", "size"), bits_min=("bits", "min"), bits_max=("bits", "max"),
+        **{c: (c, "mean") for c in present},
         **({"band": ("L3_flip_in_band", "mean")} if "L3_flip_in_band" in t else {}),
     )  # fmt: skip
     rows, prev = [], None
     rules = []
     for i, (key, r) in enumerate(agg.iterrows()):
-        model, problem, layers, gran = key
+        model, problem, layers, gran, _ = key
         if prev is not None and model != prev:
             rules.append(i - 1)
         prev = model
+        lo, hi = int(r["bits_min"]), int(r["bits_max"])
         rows.append([
             pretty_model(model), tex_escape(problem), tex_escape(layers), tex_escape(gran),
-            str(int(r["cells"])),
+            f"{lo}" if lo == hi else f"{lo}--{hi}", str(int(r["cells"])),
             *[fmt(PP * r[c]) if c in r else "--" for c in cols],
             f"{PP * r['band']:.0f}" if "band" in r and math.isfinite(r["band"]) else "--",
         ])  # fmt: skip
     header = [
-        ["", "", "", "", "", r"\multicolumn{4}{c}{mean $|$error$|$ of the flip rate (pp)}",
+        ["", "", "", "", "", "", r"\multicolumn{4}{c}{mean $|$error$|$ of the flip rate (pp)}",
          r"loss (pp)", r"in band"],
-        ["model", "problem", "layers", "step", "cells", "L1", "L2", "L3", "Sakr", "L3", r"(\%)"],
+        ["model", "problem", "layers", "step", "bits", "cells", "L1", "L2", "L3", "Sakr", "L3",
+         r"(\%)"],
     ]  # fmt: skip
-    return tabular(header, rows, "llllrrrrrrr", rules_after=rules, header_rules=["(lr){6-9}"])
+    return tabular(header, rows, "lllllrrrrrrr", rules_after=rules, header_rules=["(lr){7-10}"])
 
 
 def _select_cell(t: Any, layers: str) -> Any:
@@ -261,6 +269,7 @@ def numbers(t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: An
     if t is not None and len(t):
         out["models"] = ", ".join(pretty_model(m) for m in dict.fromkeys(t["model"]))
         out["bits:min"], out["bits:max"] = str(int(t["bits"].min())), str(int(t["bits"].max()))
+        out["bits:split"] = str(SPLIT_BITS)
         out["cells"] = str(len(t))
         last = t[t["layers"] == "last"]
         if len(last):
@@ -285,6 +294,17 @@ def numbers(t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: An
                 out[f"sakr:vacuous:{layers}"] = f"{PP * (s['sakr_flip_bound'] > 1).mean():.0f}"
             if "L3_flip_in_band" in s and s["L3_flip_in_band"].notna().any():
                 out[f"inband:{layers}"] = f"{PP * s['L3_flip_in_band'].astype(float).mean():.0f}"
+            # the same below SPLIT_BITS ("low") and from it on ("high")
+            for part, sel in (("low", s["bits"] < SPLIT_BITS), ("high", s["bits"] >= SPLIT_BITS)):
+                r = s[sel]
+                if r.empty:
+                    continue
+                out[f"cells:{layers}:{part}"] = str(len(r))
+                if r["L3_flip_abs_error"].notna().any():
+                    out[f"err:L3:{layers}:{part}"] = fmt(PP * r["L3_flip_abs_error"].mean())
+                if "L3_flip_in_band" in r and r["L3_flip_in_band"].notna().any():
+                    band = r["L3_flip_in_band"].astype(float).mean()
+                    out[f"inband:{layers}:{part}"] = f"{PP * band:.0f}"
     for i, (model, rep) in enumerate(reports.items()):
         s = rep.gaussian_summary().set_index("kind")
         for kind in s.index:
@@ -295,6 +315,18 @@ def numbers(t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: An
             if i == 0:  # the first model's, quoted in the text
                 out["hg:model"] = pretty_model(model)
                 out[f"hg:holds:{kind}"], out[f"hg:fails:{kind}"] = holds, fails
+    # share of (model, quantizer, layer, bit-width) whose error fails H_U, per bit range
+    frames = [rep.uniform for rep in reports.values() if len(getattr(rep, "uniform", ()))]
+    if frames:
+        import pandas as pd
+
+        from distortion.experiments.hypotheses import ALL_LAYERS
+
+        u = pd.concat(frames, ignore_index=True)
+        u = u[u["layer"] != ALL_LAYERS]
+        for part, sel in (("low", u["bits"] < SPLIT_BITS), ("high", u["bits"] >= SPLIT_BITS)):
+            if sel.any():
+                out[f"hu:fails:{part}"] = f"{PP * (u.loc[sel, 'verdict'] == 'fails').mean():.0f}"
     if sim is not None:
         out["sim:cases"] = str(sim.groupby(["d", "covariance", "separation", "weights"]).ngroups)
     lines = [rf"\resdef{{{k}}}{{{v}}}" for k, v in out.items()]
