@@ -23,20 +23,35 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{
         n: ("distortion.quantize", n)
         for n in (
-            "QuantizedTensor", "QuantParams", "UniformQuantizer", "choose_qparams",
-            "dequantize", "quantize",
+            "QuantizedTensor",
+            "QuantParams",
+            "UniformQuantizer",
+            "choose_qparams",
+            "dequantize",
+            "quantize",
         )  # fmt: skip
     },
     **{
         n: ("distortion.theory.baselines", n)
-        for n in ("HawqSensitivity", "HessianTrace", "SakrBound", "hawq_v2_sensitivity",
-                  "sakr_bound")  # fmt: skip
+        for n in (
+            "HawqSensitivity",
+            "HessianTrace",
+            "SakrBound",
+            "hawq_v2_sensitivity",
+            "sakr_bound",
+        )  # fmt: skip
     },
     **{
         n: ("distortion.theory.binary", n)
         for n in (
-            "BayesRisk", "DistortionCurve", "DistortionResult", "FlipResult", "bayes_risk",
-            "distortion_curve", "flip_probability", "risk_of_weights",
+            "BayesRisk",
+            "DistortionCurve",
+            "DistortionResult",
+            "FlipResult",
+            "bayes_risk",
+            "distortion_curve",
+            "flip_probability",
+            "risk_of_weights",
         )  # fmt: skip
     },
     "binary_distortion": ("distortion.theory.binary", "distortion"),
@@ -44,8 +59,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{
         n: ("distortion.theory.multiclass", n)
         for n in (
-            "MulticlassDistortion", "SemiParametricDistortion", "multiclass_accuracy",
-            "multiclass_distortion", "multiclass_distortion_actual", "semiparametric_distortion",
+            "MulticlassDistortion",
+            "SemiParametricDistortion",
+            "multiclass_accuracy",
+            "multiclass_distortion",
+            "multiclass_distortion_actual",
+            "semiparametric_distortion",
         )  # fmt: skip
     },
     **{
@@ -69,4 +88,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
-

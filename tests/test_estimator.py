@@ -179,6 +179,40 @@ def test_empirical_error_variance_is_the_mean_square_error(fitted):
         AccuracyLossEstimator(error_variance="actual")
 
 
+def _naive_deviation(w, q):
+    """12 mean((e / step)^2) - 1 over the elements, element by element (nearest rounding)."""
+    qt = q.quantize(np.asarray(w, dtype=np.float64))
+    e, step = np.asarray(qt.error).reshape(w.shape[0], -1), np.asarray(qt.step)
+    total = 0.0
+    for r in range(e.shape[0]):
+        s = float(step[r] if step.ndim else step)
+        for v in e[r]:
+            total += 12.0 * (v / s) ** 2
+    return total / e.size - 1.0
+
+
+def test_hu_check_is_the_second_moment_of_the_actual_error(fitted):
+    net, _, _, est = fitted
+    pred = est.predict(bits=[2, 4, 8])
+    frame = pred.to_frame()
+    for i, b in enumerate([2, 4, 8]):
+        devs = [
+            abs(_naive_deviation(net.get_submodule(n).weight.detach().numpy(), UniformQuantizer(b)))
+            for n in LAYERS
+        ]
+        assert pred.hu_deviation[i] == pytest.approx(max(devs), rel=1e-9, abs=1e-12)
+        assert pred.hu_fail_share[i] == pytest.approx(np.mean(np.array(devs) > 0.20))
+    assert list(frame["hu_deviation"]) == list(pred.hu_deviation)
+    # last layer, per-channel steps: each row in units of its own step
+    fs = _feature_set(seed=5, d=40)
+    q = UniformQuantizer(2, granularity="channel")
+    last = AccuracyLossEstimator(q, n_realizations=0).fit(fs).predict([2, 6])
+    for i, b in enumerate([2, 6]):
+        dev = abs(_naive_deviation(fs.W, q.with_bits(b)))
+        assert last.hu_deviation[i] == pytest.approx(dev, rel=1e-9, abs=1e-12)
+        assert last.hu_fail_share[i] == float(dev > 0.20)
+
+
 def test_parse_bits():
     from distortion.commands.predict import parse_bits
 

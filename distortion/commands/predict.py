@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
     pred = est.predict(args.bits)
     frame = pred.to_frame()
     cols = ["bits", "flip_rate", "flip_rate_low", "flip_rate_high", "accuracy_loss",
-            "accuracy_loss_low", "accuracy_loss_high", "level"]  # fmt: skip
+            "accuracy_loss_low", "accuracy_loss_high", "hu_fail_share", "level"]  # fmt: skip
     out = frame[cols].copy()
     for c in cols[1:-1]:
         out[c] = 100 * out[c]
     out.columns = ["bits", "flip %", "flip lo %", "flip hi %", "loss %", "loss lo %",
-                   "loss hi %", "level"]  # fmt: skip
+                   "loss hi %", "H_U fails %", "level"]  # fmt: skip
     print(
         f"{args.model} on {dataset.dataset_id} ({len(dataset)} images), "
         f"{len(est.layers_)} layer(s), {args.scheme}/{args.granularity}/{args.clipping}/"
@@ -143,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
     )
     with pd.option_context("display.width", 120, "display.max_columns", 20):
         print(out.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stdout)
+    print(
+        "H_U fails %: share of the quantized layers whose error's second moment is more than "
+        "20 % off Delta^2/12; where it is large, do not trust the prediction.",
+        file=sys.stdout,
+    )
     if args.avg_bits is not None:
         alloc = est.allocate(avg_bits=args.avg_bits, bits=args.bits)
         print(

@@ -720,6 +720,7 @@ def _gauss_hermite() -> tuple[np.ndarray, np.ndarray]:
     x, w = np.polynomial.hermite.hermgauss(_GH_NODES)
     return x, w / np.sqrt(np.pi)
 
+
 #: floor of the conditional margin variance, relative to tau_k^2 (eq. B21, far tail only)
 _VAR_FLOOR = 1e-6
 
