@@ -87,9 +87,11 @@ class AccuracyLossPrediction:
     hu_deviation : array of shape (B,) or None
         A check of the uniform hypothesis that costs no data: over the quantized layers, the
         largest :math:`|E[e^2]/(c\Delta^2) - 1|` of the actual quantization error
-        (:math:`c = 1/12`, or 1/6 for stochastic rounding), the relative error that
-        ``error_variance="uniform"`` passes on to :math:`\sigma^2` (``theory/multilayer.md``,
-        eq. L4).
+        (:math:`c = 1/12`, or 1/6 for stochastic rounding): the effect
+        :math:`12\,\overline{u^2} - 1` of the second-moment test of ``theory/hypotheses.md``
+        (section "H_U: tests"), on :math:`u = e/\Delta` with per-channel steps row by row,
+        and the relative error that ``error_variance="uniform"`` passes on to
+        :math:`\sigma^2` (``theory/multilayer.md``, eq. L4).
     hu_fail_share : array of shape (B,) or None
         Fraction of the quantized layers whose deviation exceeds the "fails" threshold of
         :class:`distortion.stats.UniformThresholds` (20 %). A large share means the
