@@ -470,34 +470,31 @@ class AccuracyLossEstimator:
 
     def _variance(self, li: int, q: UniformQuantizer) -> np.ndarray:
         r"""Error variance of layer ``li`` under ``q``: () per tensor, (C,) per channel."""
-        key = ("var", li, q, self.error_variance)
+        if self.error_variance == "uniform":
+            return _error_variance_factor(q) * self._step(li, q) ** 2  # (eq. L4)
+        return self._mean_square(li, q)
+
+    def _mean_square(self, li: int, q: UniformQuantizer) -> np.ndarray:
+        r"""Mean square of layer ``li``'s actual error :math:`Q(W) - W` under ``q``: ()
+        per tensor, (C,) per channel (quantized once, memoized)."""
+        key = ("ms", li, q)
         if key not in self._steps:
-            if self.error_variance == "uniform":
-                v = _error_variance_factor(q) * self._step(li, q) ** 2  # (eq. L4)
+            w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
+            err = np.asarray(q.quantize(w, seed=self.seed).error, dtype=np.float64)
+            if q.granularity == "channel":
+                self._steps[key] = np.mean(err.reshape(err.shape[0], -1) ** 2, axis=1)
             else:
-                w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
-                err = np.asarray(q.quantize(w, seed=self.seed).error, dtype=np.float64)
-                if q.granularity == "channel":
-                    v = np.mean(err.reshape(err.shape[0], -1) ** 2, axis=1)
-                else:
-                    v = np.asarray(np.mean(err**2))
-            self._steps[key] = v
+                self._steps[key] = np.asarray(np.mean(err**2))
         return self._steps[key]
 
     def _hu_deviation(self, li: int, q: UniformQuantizer) -> float:
         r"""Relative deviation :math:`E[e^2]/(c\Delta^2) - 1` of layer ``li``'s actual error
-        under ``q`` (per element, each in units of its own step; zero steps skipped)."""
-        key = ("hu", li, q)
-        if key not in self._steps:
-            w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
-            err = np.asarray(q.quantize(w, seed=self.seed).error, dtype=np.float64)
-            ref = _error_variance_factor(q) * self._step(li, q) ** 2
-            err = err.reshape(err.shape[0], -1) if q.granularity == "channel" else err.ravel()
-            ref = ref.reshape(-1, 1) if q.granularity == "channel" else ref
-            ref = np.broadcast_to(ref, err.shape)
-            ok = ref > 0
-            self._steps[key] = float(np.mean(err[ok] ** 2 / ref[ok]) - 1.0) if ok.any() else 0.0
-        return self._steps[key]
+        under ``q`` (per element, each in units of its own step; zero steps skipped: the
+        rows are of equal size, so this is the mean over channels of their ratios)."""
+        ref = np.atleast_1d(_error_variance_factor(q) * self._step(li, q) ** 2)
+        ms = np.broadcast_to(np.atleast_1d(self._mean_square(li, q)), ref.shape)
+        ok = ref > 0
+        return float(np.mean(ms[ok] / ref[ok]) - 1.0) if ok.any() else 0.0
 
     def _hu_check(self, b: int, q: UniformQuantizer) -> dict[str, float]:
         from distortion.stats import UniformThresholds

@@ -9,6 +9,7 @@ features. Light module, like the commands: torch is imported inside the function
 from __future__ import annotations
 
 import argparse
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,6 +25,7 @@ __all__ = [
     "add_subset_args",
     "extract_features_from_args",
     "load_model_and_dataset",
+    "parse_bits",
 ]
 
 #: Options of :func:`add_subset_args`, passed on to ``load_dataset`` when a parser has them.
@@ -217,3 +219,23 @@ def extract_features_from_args(
         cache=not args.no_cache,
         progress=not args.quiet,
     )
+
+
+def parse_bits(text: str) -> list[int]:
+    """``"2-8"`` -> [2, ..., 8]; ``"2,4,8"`` -> [2, 4, 8]; ``"4"`` -> [4]."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ValueError(f"--bits range {part!r} is empty; write LOW-HIGH, e.g. 2-8")
+            out.extend(range(lo, hi + 1))
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise ValueError(f"--bits must look like 2-8 or 2,4,8, got {text!r}")
+    if not out or min(out) < 1 or max(out) > 16:
+        raise ValueError(f"--bits must lie in 1..16, got {text!r}")
+    return sorted(set(out))

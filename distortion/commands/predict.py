@@ -16,7 +16,6 @@ fast. Light module: torch is imported inside :func:`run`.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from distortion.commands._common import (
@@ -24,29 +23,10 @@ from distortion.commands._common import (
     add_runtime_args,
     add_subset_args,
     load_model_and_dataset,
+    parse_bits,
 )
 
 __all__ = ["add_parser", "parse_bits", "run"]
-
-
-def parse_bits(text: str) -> list[int]:
-    """``"2-8"`` -> [2, ..., 8]; ``"2,4,8"`` -> [2, 4, 8]; ``"4"`` -> [4]."""
-    out: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if lo > hi:
-                raise ValueError(f"--bits range {part!r} is empty; write LOW-HIGH, e.g. 2-8")
-            out.extend(range(lo, hi + 1))
-        elif part.isdigit():
-            out.append(int(part))
-        else:
-            raise ValueError(f"--bits must look like 2-8 or 2,4,8, got {text!r}")
-    if not out or min(out) < 1 or max(out) > 16:
-        raise ValueError(f"--bits must lie in 1..16, got {text!r}")
-    return sorted(set(out))
 
 
 def _bits_arg(text: str) -> list[int]:

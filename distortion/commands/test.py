@@ -20,29 +20,10 @@ from distortion.commands._common import (
     add_subset_args,
     extract_features_from_args,
     load_model_and_dataset,
+    parse_bits,
 )
 
 __all__ = ["add_parser", "parse_bits", "run"]
-
-
-def parse_bits(text: str) -> list[int]:
-    """Parse ``"2-8"``, ``"2,4,8"`` or ``"4"`` into a list of bit-widths in 1..16."""
-    out: list[int] = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise ValueError(f"--bits must look like 2-8, 2,4,8 or 4, got {text!r}") from None
-    if not out or any(not 1 <= b <= 16 for b in out):
-        raise ValueError(f"--bits must be in 1..16, got {text!r}")
-    return sorted(set(out))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -415,7 +415,7 @@ def summary_table(
             lambda v: f"{100 * v:.0f} %" if pd.notna(v) else "-"
         )
     if verdicts is not None and len(verdicts):
-        show["H_U fails"] = [_hu_share(verdicts, r, split_bits) for r in s.itertuples()]
+        show["H_U fails"] = [_hu_share(verdicts, r) for r in s.itertuples()]
         show["H_G margins fail"] = [_hg_share(verdicts, r) for r in s.itertuples()]
     lines = []
     if accuracies:
@@ -431,16 +431,16 @@ def summary_table(
     return "\n".join(lines)
 
 
-def _bit_range(label: Any, split_bits: int) -> tuple[int, int]:
-    text = str(label)
-    lo, _, hi = text.partition("-")
+def _bit_range(label: Any) -> tuple[int, int]:
+    """``"2-3"`` -> (2, 3); ``"4"`` -> (4, 4) (the ``bits`` labels of ``summary``)."""
+    lo, _, hi = str(label).partition("-")
     return int(lo), int(hi or lo)
 
 
-def _hu_share(verdicts: pd.DataFrame, row: Any, split_bits: int) -> str:
+def _hu_share(verdicts: pd.DataFrame, row: Any) -> str:
     if "H_U_fails" not in verdicts:
         return "-"
-    lo, hi = _bit_range(getattr(row, "bits", "1-16"), split_bits)
+    lo, hi = _bit_range(getattr(row, "bits", "1-16"))
     v = verdicts[
         (verdicts["model"] == row.model) & (verdicts["layers"] == row.layers)
         & (verdicts["granularity"] == row.granularity) & verdicts["bits"].between(lo, hi)

@@ -111,29 +111,23 @@ def summary_table(t: Any, split_bits: int = SPLIT_BITS) -> str:
     """Per model x problem x layers x granularity x bit range (below ``split_bits`` and from
     it on): cells, mean |error| (pp), band coverage. One range must not hide the other: the
     first-order models are meant for the upper one."""
-    keys = ["model", "problem", "layers", "granularity", "bit_range"]
+    from distortion.experiments.compare import Comparison
+
     cols = ["L1_flip_abs_error", "L2_flip_abs_error", "L3_flip_abs_error", "sakr_flip_abs_error",
             "L3_loss_abs_error"]  # fmt: skip
-    present = [c for c in cols if c in t]
-    t = t.assign(bit_range=(t["bits"] >= split_bits).astype(int))
-    agg = t.groupby(keys, sort=False).agg(
-        cells=("bits", "size"), bits_min=("bits", "min"), bits_max=("bits", "max"),
-        **{c: (c, "mean") for c in present},
-        **({"band": ("L3_flip_in_band", "mean")} if "L3_flip_in_band" in t else {}),
-    )  # fmt: skip
+    agg = Comparison(t).summary(split_bits=split_bits)
     rows, prev = [], None
     rules = []
-    for i, (key, r) in enumerate(agg.iterrows()):
-        model, problem, layers, gran, _ = key
-        if prev is not None and model != prev:
+    for i, r in agg.iterrows():
+        if prev is not None and r["model"] != prev:
             rules.append(i - 1)
-        prev = model
-        lo, hi = int(r["bits_min"]), int(r["bits_max"])
+        prev = r["model"]
+        band = r.get("L3_flip_in_band", math.nan)
         rows.append([
-            pretty_model(model), tex_escape(problem), tex_escape(layers), tex_escape(gran),
-            f"{lo}" if lo == hi else f"{lo}--{hi}", str(int(r["cells"])),
+            pretty_model(r["model"]), tex_escape(r["problem"]), tex_escape(r["layers"]),
+            tex_escape(r["granularity"]), str(r["bits"]).replace("-", "--"), str(int(r["cells"])),
             *[fmt(PP * r[c]) if c in r else "--" for c in cols],
-            f"{PP * r['band']:.0f}" if "band" in r and math.isfinite(r["band"]) else "--",
+            f"{PP * band:.0f}" if math.isfinite(band) else "--",
         ])  # fmt: skip
     header = [
         ["", "", "", "", "", "", r"\multicolumn{4}{c}{mean $|$error$|$ of the flip rate (pp)}",
