@@ -63,6 +63,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from distortion.theory.error_models import (
+    ErrorModel,
+    stochastic_rounding_second_moment,
+    uniform_error_variance,
+)
+
 __all__ = [
     "QuantParams",
     "QuantizedTensor",
@@ -128,8 +134,8 @@ class QuantParams:
 
     @property
     def noise_variance(self) -> np.ndarray:
-        r"""Variance :math:`\Delta^2/12` of the error under the uniform hypothesis H_U."""
-        return self.step**2 / 12.0
+        r"""Variance :math:`\Delta^2/12` of nearest-rounding error under H_U (eq. E1)."""
+        return uniform_error_variance(self.step)
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,11 @@ class QuantizedTensor:
         Entries outside the clipping range (see the module docstring).
     quantizer : UniformQuantizer
         The configuration that produced this result.
+    error_model : ErrorModel
+        The model of the error that levels 1 and 3 use
+        (:mod:`distortion.theory.error_models`): :math:`\Delta^2/12` per tensor or channel
+        for nearest rounding (H_U) and dither (eq. E1), the exact
+        :math:`\Delta^2\,\overline{p(1-p)}` for stochastic rounding (eq. E2).
     """
 
     values: Any  # shape of w
@@ -161,6 +172,7 @@ class QuantizedTensor:
     error: np.ndarray  # shape of w
     clipped: np.ndarray = field(repr=False)  # shape of w
     quantizer: UniformQuantizer = field(repr=False, default=None)
+    error_model: ErrorModel = field(repr=False, default=None)
 
     @property
     def clipped_fraction(self) -> float:
@@ -169,8 +181,11 @@ class QuantizedTensor:
 
     @property
     def noise_variance(self) -> np.ndarray:
-        r""":math:`\Delta^2/12` per tensor or channel, the error variance under H_U."""
-        return self.step**2 / 12.0
+        r"""The error model's :math:`E[e^2]` per tensor or channel (Δ²/12 under H_U for
+        nearest rounding and dither; its own for stochastic rounding)."""
+        if self.error_model is None:
+            return uniform_error_variance(self.step)
+        return self.error_model.second_moment
 
     def to_frame(self):
         """One row per tensor or channel: step, zero point, clipped fraction, error moments."""
@@ -188,7 +203,8 @@ class QuantizedTensor:
                 "clipped_fraction": clip.mean(axis=1),
                 "error_mean": err.mean(axis=1),
                 "error_var": err.var(axis=1),
-                "uniform_var": np.atleast_1d(self.step) ** 2 / 12.0,
+                "uniform_var": np.atleast_1d(uniform_error_variance(self.step)),
+                "model_second_moment": np.atleast_1d(self.noise_variance),
             }
         )
 
@@ -437,9 +453,9 @@ class UniformQuantizer:
     Notes
     -----
     The module docstring gives the grids. Under the uniform-error hypothesis H_U the error of
-    each entry is :math:`U(-\Delta/2, \Delta/2)` with variance
-
-    .. math:: \sigma_q^2 = \Delta^2 / 12 .
+    each entry is :math:`U(-\Delta/2, \Delta/2)` with variance :math:`\sigma_q^2` of
+    eq. E1 (``theory/error_models.md``); :meth:`compress` returns it as the error model,
+    with the exact eq. E2 for stochastic rounding.
 
     Examples
     --------
@@ -510,7 +526,43 @@ class UniformQuantizer:
         values = _from_numpy(values64, like)
         error = _as_float64(values) - w64
         clipped = self._clipped(w64, qp, step)
-        return QuantizedTensor(values, codes, qp.step, qp.zero_point, error, clipped, self)
+        model = self._error_model(w64, qp)
+        return QuantizedTensor(values, codes, qp.step, qp.zero_point, error, clipped, self, model)
+
+    def _error_model(self, w64: np.ndarray, qp: QuantParams) -> ErrorModel:
+        """The error model of this quantizer on ``w`` (the one rule: error_models.py)."""
+        if self.rounding == "stochastic":
+            axis = 0 if self.granularity == "channel" else None
+            m2 = stochastic_rounding_second_moment(w64, qp.step, channel_axis=axis)  # (eq. E2)
+            rule = "stochastic"
+        else:
+            m2 = uniform_error_variance(qp.step)  # (eq. E1): H_U for nearest, exact for dither
+            rule = "uniform" if self.rounding == "nearest" else "dither"
+        return ErrorModel(m2, 0.0, granularity=self.granularity, random=True, rule=rule)
+
+    def compress(self, w: Any, *, seed: int | np.random.Generator | None = None):
+        """The compressor protocol (:mod:`distortion.compression`): quantize ``w``.
+
+        Returns
+        -------
+        Compressed
+            ``values``, ``error``, ``error_model`` and, as ``detail``, the
+            :class:`QuantizedTensor`.
+        """
+        from distortion.compression import Compressed
+
+        qt = self.quantize(w, seed=seed)
+        return Compressed(qt.values, qt.error, qt.error_model, self, qt)
+
+    def error_model(self, w: Any) -> ErrorModel:
+        """The error model of quantizing ``w`` (no realization needed)."""
+        w64, _ = _to_numpy(w)
+        _validate(w64, self.granularity)
+        qp = _choose_rows(
+            _rows(w64, self.granularity), self.bits, self.scheme, self.granularity,
+            self.clipping, _dtype_of(w),
+        )  # fmt: skip
+        return self._error_model(w64, qp)
 
     def _clipped(self, w64: np.ndarray, qp: QuantParams, step: np.ndarray) -> np.ndarray:
         lo, hi = _per_entry(qp.lo, w64.shape), _per_entry(qp.hi, w64.shape)
