@@ -248,18 +248,88 @@ def test_extraction_cache_hits_and_misses(tiny_dataset, random_resnet20, tmp_pat
     assert off.provenance["cache"] == "off"
 
 
-def test_corrupt_cache_is_recomputed(tiny_dataset, random_resnet20, tmp_path: Path, caplog):
+def test_corrupt_cache_is_recomputed(tiny_dataset, random_resnet20, tmp_path: Path):
+    from distortion.experiments._cache import CacheWarning
+
     first = extract_features(random_resnet20, tiny_dataset, cache_dir=tmp_path, progress=False)
     (cache_file,) = tmp_path.glob("features-*.npz")
     data = cache_file.read_bytes()
     cache_file.write_bytes(data[: len(data) // 3])
-    with caplog.at_level("WARNING"):
+    with pytest.warns(CacheWarning, match="recomputed"):
         again = extract_features(random_resnet20, tiny_dataset, cache_dir=tmp_path, progress=False)
     assert again.provenance["cache"] == "miss"
-    assert "recomputing" in caplog.text
     np.testing.assert_array_equal(again.features, first.features)
     third = extract_features(random_resnet20, tiny_dataset, cache_dir=tmp_path, progress=False)
     assert third.provenance["cache"] == "hit"
+
+
+def _damage(path: Path, how: str, stale: bytes = b"") -> None:
+    data = path.read_bytes()
+    if how == "garbage":
+        path.write_bytes(b"\x00garbage\xff" * 64)
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "stale":  # a valid file written for other inputs
+        path.write_bytes(stale)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "stale"])
+def test_unusable_feature_cache_warns_and_is_recomputed(
+    tiny_dataset, random_resnet20, tmp_path: Path, how: str
+):
+    """Defect 12: every unusable cache file is a CacheWarning naming it, then recomputed."""
+    import dataclasses
+    import warnings
+
+    def run():
+        return extract_features(random_resnet20, tiny_dataset, cache_dir=tmp_path, progress=False)
+
+    first = run()
+    (cache_file,) = tmp_path.glob("features-*.npz")
+    other = dataclasses.replace(first, provenance={**first.provenance, "cache_key": "0" * 64})
+    other.save(tmp_path / "other.npz")
+    _damage(cache_file, how, stale=(tmp_path / "other.npz").read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = run()
+    assert again.provenance["cache"] == "miss"
+    for name in ("features", "logits", "labels", "W", "b"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    msgs = [str(w.message) for w in caught if w.category.__name__ == "CacheWarning"]
+    assert any(str(cache_file) in m and "recomputed" in m for m in msgs), msgs
+    assert run().provenance["cache"] == "hit"  # the file was overwritten with a good one
+
+
+def test_feature_files_have_normal_permissions(tiny_dataset, random_resnet20, tmp_path: Path):
+    """Defect 22: feature files were written mode 0600 (tempfile.mkstemp)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        saved = make_featureset().save(tmp_path / "fs.npz")
+        extract_features(random_resnet20, tiny_dataset, cache_dir=tmp_path / "c", progress=False)
+    finally:
+        os.umask(old)
+    (cached,) = (tmp_path / "c").glob("features-*.npz")
+    for p in (saved, cached):
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+        assert mode & 0o044, oct(mode)
+        assert mode == 0o644, oct(mode)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_feature_cache_key_changes_with_an_input(tiny_dataset, random_resnet20):
+    import torch
+
+    from distortion.experiments.features import feature_cache_key
+
+    key = feature_cache_key(random_resnet20, tiny_dataset)
+    assert key == feature_cache_key(random_resnet20, tiny_dataset)
+    assert len(key) == 64 and int(key, 16) >= 0
+    with torch.no_grad():
+        random_resnet20.linear.bias[0] += 1e-3
+    assert feature_cache_key(random_resnet20, tiny_dataset) != key
 
 
 def test_class_subset_extraction(random_resnet20, tiny_dataset, tmp_path: Path):

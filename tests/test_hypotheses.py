@@ -146,6 +146,60 @@ def test_cache_hit_skips_the_work(tmp_path, monkeypatch):
         H.run_hypothesis_tests(fs, model, **{**kw, "bits": [5]})
 
 
+def _assert_reports_equal(a, b) -> None:
+    for name in ("gaussian", "multivariate", "covariance", "uniform"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_dtype=False)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_unusable_cache_warns_and_is_recomputed(tmp_path, how):
+    """Defect 12: a garbled cache file broke ``distortion test`` ("error: 'layer'"), a
+    truncated one gave NaN rows without a word. Each file of the cache is damaged in turn
+    (whatever the layout); every time the report equals a fresh one, after a CacheWarning."""
+    import warnings
+
+    model = _tiny_model(4)
+    fs = _gaussian_feature_set(model, seed=4)
+    kw = dict(bits=[4], layers="last", progress=False)
+    fresh = H.run_hypothesis_tests(fs, model, **kw)
+    H.run_hypothesis_tests(fs, model, cache_dir=tmp_path, **kw)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert files
+    wrong, silent = [], []
+    for path in files:
+        data = path.read_bytes()
+        if how == "garbage":
+            path.write_bytes(b"garbage,text\n1,2\n" * 8)
+        else:
+            path.write_bytes(data[: len(data) // 2])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                again = H.run_hypothesis_tests(fs, model, cache_dir=tmp_path, **kw)
+                again.uniform_summary()  # what `distortion test` prints
+                _assert_reports_equal(again, fresh)
+            except (AssertionError, KeyError, ValueError) as exc:
+                wrong.append(f"{path.name}: {type(exc).__name__}: {str(exc)[:80]}")
+        msgs = [str(w.message) for w in caught if w.category.__name__ == "CacheWarning"]
+        if not any(str(path) in m and "recomputed" in m for m in msgs):
+            silent.append(path.name)
+        path.write_bytes(data)  # the next file is damaged in an otherwise good cache
+    assert not wrong, wrong
+    assert not silent, f"no CacheWarning for {silent}"
+
+
+def test_cache_key_changes_with_an_input():
+    model = _tiny_model(5)
+    fs = _gaussian_feature_set(model, seed=5)
+    weights, _ = H._layer_weights(fs, model, "last")
+    options = {"bits": [4], "alpha": 0.05}
+    key = H._cache_key(fs, weights, options)
+    assert key == H._cache_key(fs, weights, dict(options))
+    assert H._cache_key(fs, weights, {**options, "alpha": 0.01}) != key
+    nudged = [(n, k, w + (i == 0) * 1e-9) for i, (n, k, w) in enumerate(weights)]
+    assert H._cache_key(fs, nudged, options) != key
+
+
 def test_validation():
     model = _tiny_model()
     fs = _gaussian_feature_set(model)

@@ -19,15 +19,14 @@ References
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
 import platform
-import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from distortion.experiments import _paths
+from distortion.experiments import _cache, _paths
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -322,11 +321,11 @@ class FeatureSet:
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "class_names": list(self.class_names),
-            "provenance": _jsonable(self.provenance),
+            "provenance": _cache.jsonable(self.provenance),
             "checksum": self.checksum(),
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
-        _atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        _cache.atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod
@@ -407,6 +406,7 @@ def feature_cache_key(model: nn.Module, dataset: ImageDataset) -> str:
     from distortion.experiments.models import state_dict_sha256
 
     parts = {
+        "cache": "features",
         "format": _FORMAT_VERSION,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "state_dict_sha256": state_dict_sha256(model),
@@ -415,7 +415,7 @@ def feature_cache_key(model: nn.Module, dataset: ImageDataset) -> str:
         "class_ids": list(dataset.class_ids),
         "preprocessing": dataset.preprocessing.to_dict(),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return _cache.content_key(parts)
 
 
 def extract_features(
@@ -447,8 +447,9 @@ def extract_features(
         Cache folder; default ``$DISTORTION_CACHE`` or ``~/.cache/distortion``.
     cache : bool
         Read and write the cache. The key (:func:`feature_cache_key`) changes with the
-        weights, the images, the labels and the preprocessing; a corrupt cache file is
-        detected by its checksum and recomputed.
+        weights, the images, the labels and the preprocessing. An unusable cache file
+        (unreadable, truncated, corrupt -- caught by its checksum -- or stale) is
+        recomputed and overwritten after a :class:`~distortion.experiments._cache.CacheWarning`.
     progress : bool
         Show a tqdm progress bar.
 
@@ -493,16 +494,17 @@ def extract_features(
     name = info.name if info is not None else type(model).__name__
     key = feature_cache_key(model, dataset)
     cache_file = _paths.cache_dir(cache_dir) / f"features-{_safe(name)}-{key[:32]}.npz"
-    if cache and cache_file.is_file():
-        try:
-            fs = FeatureSet.load(cache_file)
-            if fs.provenance.get("cache_key") != key:
-                raise ValueError("cache key mismatch")
-        except ValueError as exc:
-            logger.warning("ignoring unusable feature cache %s (%s); recomputing", cache_file, exc)
-        else:
-            logger.info("features of %s on %s served from cache %s", name, dataset, cache_file)
-            return replace(fs, provenance={**fs.provenance, "cache": "hit"})
+    # a missing, unreadable, corrupt or stale file: a CacheWarning, then recomputed
+    fs = (
+        _cache.load_cached(
+            cache_file, FeatureSet.load, key=key, key_of=lambda f: f.provenance.get("cache_key")
+        )
+        if cache
+        else None
+    )
+    if fs is not None:
+        logger.info("features of %s on %s served from cache %s", name, dataset, cache_file)
+        return replace(fs, provenance={**fs.provenance, "cache": "hit"})
 
     start = time.perf_counter()
     p = next(model.parameters(), None)
@@ -576,7 +578,11 @@ def extract_features(
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             fs.save(cache_file)
         except OSError as exc:
-            logger.warning("could not write the feature cache %s: %s", cache_file, exc)
+            warnings.warn(
+                f"could not write the feature cache {str(cache_file)!r}: {exc}",
+                _cache.CacheWarning,
+                stacklevel=2,
+            )
     return fs
 
 
@@ -603,35 +609,6 @@ def _owned(a: np.ndarray, original: Any) -> np.ndarray:
     if isinstance(original, np.ndarray) and np.shares_memory(a, original) and a.flags.writeable:
         return a.copy()
     return a
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    return str(obj)
 
 
 def _safe(name: str) -> str:

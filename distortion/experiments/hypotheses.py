@@ -16,7 +16,7 @@ figures. Torch is only touched to read the model's weights, inside the function.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import sys
@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from distortion import stats as S
+from distortion.experiments import _cache
 from distortion.quantize import UniformQuantizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,14 +195,24 @@ class HypothesisReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name in _TABLES:
-            getattr(self, name).to_csv(out / f"hypotheses_{name}.csv", index=False)
-        self.to_frame().to_csv(out / "hypotheses.csv", index=False)
-        (out / "hypotheses.json").write_text(json.dumps(_jsonable(self.provenance), indent=2))
+            text = getattr(self, name).to_csv(index=False)
+            _cache.atomic_write_text(out / f"hypotheses_{name}.csv", text)
+        _cache.atomic_write_text(out / "hypotheses.csv", self.to_frame().to_csv(index=False))
+        prov = json.dumps(_cache.jsonable(self.provenance), indent=2)
+        _cache.atomic_write_text(out / "hypotheses.json", prov)
         return out
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str]) -> HypothesisReport:
-        """Read a report written by :meth:`save`."""
+        """Read a report written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            A table is missing.
+        ValueError
+            A file is unreadable or garbled (the message names it).
+        """
         out = Path(out_dir)
         missing = [n for n in _TABLES if not (out / f"hypotheses_{n}.csv").is_file()]
         if missing:
@@ -212,32 +223,50 @@ class HypothesisReport:
             )
         tables = {}
         for n in _TABLES:
+            file = out / f"hypotheses_{n}.csv"
             try:
-                tables[n] = pd.read_csv(out / f"hypotheses_{n}.csv", dtype=_STRING_COLUMNS)
-            except pd.errors.EmptyDataError:
-                tables[n] = pd.DataFrame()
-            if "failing" in tables[n]:
-                tables[n]["failing"] = tables[n]["failing"].fillna("")
+                tables[n] = _read_table(file)
+            except (OSError, ValueError, pd.errors.ParserError) as exc:
+                raise ValueError(f"cannot read {str(file)!r}: {exc}") from exc
         prov_file = out / "hypotheses.json"
-        prov = json.loads(prov_file.read_text()) if prov_file.is_file() else {}
+        prov = {}
+        if prov_file.is_file():
+            try:
+                prov = json.loads(prov_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read {str(prov_file)!r}: {exc}") from exc
+            if not isinstance(prov, dict):
+                raise ValueError(f"{str(prov_file)!r} does not hold a JSON object")
         return cls(**tables, provenance=prov)
+
+
+def _read_table(source: Any) -> pd.DataFrame:
+    """A table written by :meth:`HypothesisReport.save` (a path or a text buffer)."""
+    try:
+        table = pd.read_csv(source, dtype=_STRING_COLUMNS)
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame()
+    if "failing" in table:
+        table["failing"] = table["failing"].fillna("")
+    return table
+
+
+def _encode_report(report: HypothesisReport) -> dict[str, Any]:
+    """The cache record of a report: its tables as CSV text, and its provenance."""
+    tables = {n: getattr(report, n).to_csv(index=False) for n in _TABLES}
+    return {"tables": tables, "provenance": _cache.jsonable(report.provenance)}
+
+
+def _decode_report(record: dict[str, Any]) -> HypothesisReport:
+    tables = {n: _read_table(io.StringIO(record["tables"][n])) for n in _TABLES}
+    if not isinstance(record["provenance"], dict):
+        raise ValueError("the provenance is not a JSON object")
+    return HypothesisReport(**tables, provenance=record["provenance"])
 
 
 # ---------------------------------------------------------------------------------------
 # the runner
 # ---------------------------------------------------------------------------------------
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.integer | np.floating):
-        return obj.item()
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)
 
 
 def _check_feature_set(fs: Any) -> None:
@@ -321,20 +350,28 @@ def _layer_weights(
     return out, last
 
 
+def _code_files() -> list[Path]:
+    """The source files whose code computes a report (part of its cache key)."""
+    from distortion import quantize
+
+    files = [Path(sys.modules[__name__].__file__), Path(quantize.__file__)]
+    stats = Path(S.__file__)
+    files += sorted(stats.parent.rglob("*.py")) if stats.name == "__init__.py" else [stats]
+    return files
+
+
+_KEY_ARRAYS = ("features", "labels", "logits", "W", "b")
+
+
 def _cache_key(feature_set: FeatureSet, weights: list, options: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    h.update(f"hypotheses-v{_CACHE_VERSION}".encode())
-    for module in (S, sys.modules[__name__]):  # the code that computes the report
-        h.update(Path(module.__file__).read_bytes())
-    for attr in ("features", "labels", "logits", "W", "b"):
-        a = np.ascontiguousarray(getattr(feature_set, attr))
-        h.update(str((attr, a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    for name, kind, w in weights:
-        h.update(f"{name}:{kind}:{w.shape}".encode())
-        h.update(np.ascontiguousarray(w).tobytes())
-    h.update(json.dumps(_jsonable(options), sort_keys=True).encode())
-    return h.hexdigest()
+    root = Path(S.__file__).parents[2]
+    return _cache.content_key(
+        {"cache": "hypotheses", "version": _CACHE_VERSION},
+        {str(f.relative_to(root)): f.read_bytes() for f in _code_files()},
+        {a: np.asarray(getattr(feature_set, a)) for a in _KEY_ARRAYS},
+        [[name, kind, np.asarray(w)] for name, kind, w in weights],
+        _cache.jsonable(options),
+    )
 
 
 def _gaussian_tables(
@@ -489,9 +526,11 @@ def run_hypothesis_tests(
         Draw figures into ``out_dir`` (Q--Q plots of margins and features, error
         histograms of the last layer, verdict heatmaps).
     cache_dir : path, optional
-        Cache the report there, keyed by the features, the tested weights, the options and
-        the source of the code that computes it (sha256); a later call with the same inputs
-        reads it back.
+        Cache the report there (``hypotheses/<key>.json``), keyed by the features, the
+        tested weights, the options and the source of the code that computes it (sha256); a
+        later call with the same inputs reads it back. An unusable cache file (unreadable,
+        truncated, garbled) is recomputed and overwritten after a
+        :class:`~distortion.experiments._cache.CacheWarning`.
     progress : bool, default True
         Show a tqdm progress bar.
 
@@ -531,20 +570,8 @@ def run_hypothesis_tests(
         "n_samples": int(len(feature_set.labels)),
         **options,
     }
-    report = None
-    cache_path = None
-    if cache_dir is not None:
-        key = _cache_key(feature_set, weights, options)
-        provenance["cache_key"] = key
-        cache_path = Path(cache_dir) / f"hypotheses-{key[:32]}"
-        if (cache_path / "hypotheses.json").is_file():
-            try:
-                report = HypothesisReport.load(cache_path)
-            except (OSError, ValueError, pd.errors.ParserError):
-                report = None
-            if report is not None and report.provenance.get("cache_key") != key:
-                report = None
-    if report is None:
+
+    def compute() -> HypothesisReport:
         n_classes = len(np.unique(np.asarray(feature_set.labels)))
         total = n_classes + len(weights) * len(quantizers) * len(bits)
         with tqdm(total=total, desc="hypothesis tests", disable=not progress) as bar:
@@ -552,9 +579,16 @@ def run_hypothesis_tests(
                 feature_set, n_components=n_components, alpha=alpha, bar=bar
             )
             uni = _uniform_table(weights, quantizers, bits, alpha=alpha, seed=seed, bar=bar)
-        report = HypothesisReport(gauss, multi, cov, uni, provenance=provenance)
-        if cache_path is not None:
-            report.save(cache_path)
+        return HypothesisReport(gauss, multi, cov, uni, provenance=provenance)
+
+    if cache_dir is None:
+        report = compute()
+    else:  # <cache_dir>/hypotheses/<key>.json; an unusable file: a CacheWarning, recomputed
+        key = _cache_key(feature_set, weights, options)
+        provenance["cache_key"] = key
+        report = _cache.cached_json(
+            cache_dir, "hypotheses", key, compute, encode=_encode_report, decode=_decode_report
+        )
     if out_dir is not None:
         report.save(out_dir)
         if figures:
