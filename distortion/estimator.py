@@ -39,7 +39,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from distortion.compression import Compressed, error_second_moment, realization_seed
 from distortion.quantize import UniformQuantizer
+from distortion.results import Band, Prediction
 from distortion.theory.multilayer import (
     GradientGrams,
     LayerContributions,
@@ -64,6 +66,8 @@ class AccuracyLossPrediction:
     bits : array of shape (B,)
     flip_rate : array of shape (B,)
         Expected fraction of changed decisions.
+    flip_rate_stderr : array of shape (B,)
+        Standard error of the integration of ``flip_rate`` (0 when exact).
     flip_rate_low, flip_rate_high : arrays of shape (B,)
         Prediction band of the flip rate of one realization of the error.
     accuracy_float : float
@@ -86,8 +90,9 @@ class AccuracyLossPrediction:
         Nominal coverage of the bands.
     hu_deviation : array of shape (B,) or None
         A check of the uniform hypothesis that costs no data: over the quantized layers, the
-        largest :math:`|E[e^2]/(c\Delta^2) - 1|` of the actual quantization error
-        (:math:`c = 1/12`, or 1/6 for stochastic rounding): the effect
+        largest :math:`|\overline{e^2}/E[e^2] - 1|` of the actual quantization error against
+        its error model (:math:`\Delta^2/12` for nearest rounding, eq. E1; the exact eq. E2
+        for stochastic rounding): the effect
         :math:`12\,\overline{u^2} - 1` of the second-moment test of ``theory/hypotheses.md``
         (section "H_U: tests"), on :math:`u = e/\Delta` with per-channel steps row by row,
         and the relative error that ``error_variance="uniform"`` passes on to
@@ -120,6 +125,25 @@ class AccuracyLossPrediction:
     coverage: float = 0.95
     hu_deviation: np.ndarray | None = None  # (B,)
     hu_fail_share: np.ndarray | None = None  # (B,)
+    flip_rate_stderr: np.ndarray | None = None  # (B,)
+
+    def predictions(self) -> list[Prediction]:
+        """One :class:`~distortion.results.Prediction` per bit-width (the shared shape)."""
+        nan = np.full(self.bits.shape, np.nan)
+        se = nan if self.flip_rate_stderr is None else self.flip_rate_stderr
+        return [
+            Prediction(
+                level=self.level, flip_rate=float(self.flip_rate[i]),
+                flip_rate_stderr=float(se[i]),
+                flip_rate_band=Band(self.flip_rate_low[i], self.flip_rate_high[i]),
+                accuracy_loss=float(self.accuracy_loss[i]),
+                accuracy_loss_band=Band(self.accuracy_loss_low[i], self.accuracy_loss_high[i]),
+                accuracy_float=self.accuracy_float,
+                accuracy_compressed=float(self.accuracy_quantized[i]),
+                n_samples=self.n_samples, coverage=self.coverage, method=self.method,
+            )  # fmt: skip
+            for i in range(self.bits.size)
+        ]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per bit-width."""
@@ -128,6 +152,9 @@ class AccuracyLossPrediction:
             {
                 "bits": self.bits,
                 "flip_rate": self.flip_rate,
+                "flip_rate_stderr": np.nan
+                if self.flip_rate_stderr is None
+                else self.flip_rate_stderr,
                 "flip_rate_low": self.flip_rate_low,
                 "flip_rate_high": self.flip_rate_high,
                 "accuracy_float": self.accuracy_float,
@@ -213,20 +240,40 @@ class BitAllocation:
 
 # ----------------------------------------------------------------------------- estimator
 def _check_bits_list(bits: Iterable[int] | int, name: str = "bits") -> np.ndarray:
-    if isinstance(bits, int | np.integer):
+    """Sorted distinct bit-widths, each an integer in 1..16 (no silent coercion)."""
+
+    def bad(detail: str) -> ValueError:
+        return ValueError(f"{name} must be integers in 1..16 ({detail}), got {bits!r}")
+
+    if isinstance(bits, str | bytes):
+        raise bad("a string is not a list of bit-widths: pass e.g. [16] or range(2, 9)")
+    if isinstance(bits, int | np.integer) and not isinstance(bits, bool):
         bits = [int(bits)]
     try:
-        arr = np.array(sorted({int(b) for b in bits}), dtype=np.int64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be integers in 1..16, got {bits!r}") from None
+        items = list(bits)
+    except TypeError:
+        raise bad("not an iterable of integers") from None
+    out = set()
+    for b in items:
+        if isinstance(b, bool) or not isinstance(b, int | np.integer):
+            if isinstance(b, float | np.floating) and float(b).is_integer():
+                b = int(b)
+            else:
+                raise bad(f"{b!r} is not an integer")
+        out.add(int(b))
+    arr = np.array(sorted(out), dtype=np.int64)
     if arr.size == 0 or arr.min() < 1 or arr.max() > 16:
-        raise ValueError(f"{name} must be a non-empty set of integers in 1..16, got {bits!r}")
+        raise bad("a non-empty set in range")
     return arr
 
 
-def _error_variance_factor(q: UniformQuantizer) -> float:
-    r"""Error variance over :math:`\Delta^2`: 1/12 (nearest, dither), 1/6 (stochastic)."""
-    return 1.0 / 6.0 if q.rounding == "stochastic" else 1.0 / 12.0
+def min_realizations(coverage: float) -> int:
+    r"""Fewest realizations R whose order-statistic band has the ``coverage`` (eq. L12).
+
+    The band takes the :math:`\lfloor (R+1)(1-c)/2 \rfloor`-th smallest and largest of R
+    realizations, which exists only when that index is at least 1.
+    """
+    return int(math.ceil(2.0 / (1.0 - coverage) - 1.0 - 1e-9))
 
 
 class AccuracyLossEstimator:
@@ -259,7 +306,11 @@ class AccuracyLossEstimator:
     device : str
         Device of :meth:`fit_model`.
     batch_size : int, optional
-        Batch size of :meth:`fit_model` (default: from a memory budget).
+        Samples per batch of the Gram computation in :meth:`fit_model` (default: as many
+        as ``memory_mb`` allows, at most 256).
+    memory_mb : int, optional
+        Memory budget (MiB) of one batch's per-sample Jacobians in :meth:`fit_model`
+        (default 256); raise it on a large machine, lower it on a small one.
     progress : bool
         Progress bars in :meth:`fit_model`.
 
@@ -274,11 +325,12 @@ class AccuracyLossEstimator:
 
     Notes
     -----
-    The error of a b-bit layer has variance :math:`\sigma^2 = \Delta^2/12` under H_U
-    (nearest rounding or dither; :math:`\Delta^2/6` for stochastic rounding, whose error
-    variance is :math:`\Delta^2 p(1-p)` with :math:`p` uniform), where the step
-    :math:`\Delta` is computed from the actual weights by the quantizer, per tensor or per
-    output channel.
+    The error second moment :math:`\sigma^2` of a b-bit layer is the one the quantizer's
+    error model gives (:meth:`UniformQuantizer.compress`, ``theory/error_models.md``):
+    :math:`\Delta^2/12` under H_U for nearest rounding and dither (eq. E1), the exact
+    :math:`\Delta^2\,\overline{p(1-p)}` for stochastic rounding (eq. E2, :math:`\Delta^2/6`
+    on average), with the step :math:`\Delta` computed from the actual weights, per tensor
+    or per output channel. Every realization is seeded from ``seed`` and the layer index.
     """
 
     def __init__(
@@ -295,6 +347,7 @@ class AccuracyLossEstimator:
         cache_dir: str | os.PathLike[str] | None = None,
         device: str = "cpu",
         batch_size: int | None = None,
+        memory_mb: int | None = None,
         progress: bool = True,
     ) -> None:
         if quantizer is None:
@@ -313,8 +366,27 @@ class AccuracyLossEstimator:
             )
         if not 0 < coverage < 1:
             raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
-        if not isinstance(n_realizations, int) or n_realizations < 0:
+        if (
+            isinstance(n_realizations, bool)
+            or not isinstance(n_realizations, int | np.integer)
+            or n_realizations < 0
+        ):
             raise ValueError(f"n_realizations must be an integer >= 0, got {n_realizations!r}")
+        if 0 < n_realizations < min_realizations(coverage):
+            raise ValueError(
+                f"n_realizations={n_realizations} cannot give a {coverage:.0%} band: it needs at "
+                f"least {min_realizations(coverage)} realizations (or 0 for no band)"
+            )
+        if memory_mb is not None and (
+            isinstance(memory_mb, bool) or not isinstance(memory_mb, int | np.integer)
+            or memory_mb < 1
+        ):  # fmt: skip
+            raise ValueError(f"memory_mb must be a positive integer (MiB), got {memory_mb!r}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
+            or batch_size < 1
+        ):  # fmt: skip
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.quantizer = quantizer
         self.layers = layers
         self.method = method
@@ -326,6 +398,7 @@ class AccuracyLossEstimator:
         self.cache_dir = cache_dir
         self.device = device
         self.batch_size = batch_size
+        self.memory_mb = memory_mb
         self.progress = progress
         self._steps: dict[tuple[Any, ...], np.ndarray] = {}
 
@@ -425,6 +498,7 @@ class AccuracyLossEstimator:
             granularity=granularity or self.quantizer.granularity,
             n_realizations=self.n_realizations,
             batch_size=self.batch_size,
+            **({} if self.memory_mb is None else {"memory_mb": int(self.memory_mb)}),
             seed=self.seed,
             device=self.device,
             cache_dir=self.cache_dir,
@@ -455,11 +529,7 @@ class AccuracyLossEstimator:
 
     # -- steps --------------------------------------------------------------------------
     def _step(self, li: int, q: UniformQuantizer) -> np.ndarray:
-        key = (li, q)
-        if key not in self._steps:
-            w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
-            self._steps[key] = np.asarray(q.qparams(w).step, dtype=np.float64)
-        return self._steps[key]
+        return np.asarray(self._compressed(li, q).detail.step, dtype=np.float64)
 
     def layer_steps(self, allocation: Mapping[str, int], quantizer=None) -> list[np.ndarray | None]:
         r"""Quantization steps :math:`\Delta_\ell` (None for float layers) of an allocation."""
@@ -468,30 +538,32 @@ class AccuracyLossEstimator:
         bits = self._allocation_bits(allocation)
         return [None if b == 0 else self._step(i, q.with_bits(int(b))) for i, b in enumerate(bits)]
 
-    def _variance(self, li: int, q: UniformQuantizer) -> np.ndarray:
-        r"""Error variance of layer ``li`` under ``q``: () per tensor, (C,) per channel."""
-        if self.error_variance == "uniform":
-            return _error_variance_factor(q) * self._step(li, q) ** 2  # (eq. L4)
-        return self._mean_square(li, q)
-
-    def _mean_square(self, li: int, q: UniformQuantizer) -> np.ndarray:
-        r"""Mean square of layer ``li``'s actual error :math:`Q(W) - W` under ``q``: ()
-        per tensor, (C,) per channel (quantized once, memoized)."""
-        key = ("ms", li, q)
+    def _compressed(self, li: int, q: UniformQuantizer) -> Compressed:
+        """Layer ``li`` compressed by ``q``, one seeded realization (memoized)."""
+        key = ("c", li, q)
         if key not in self._steps:
             w = self.grams_.weights[li] if self.level_ == "3L" else self.W_
-            err = np.asarray(q.quantize(w, seed=self.seed).error, dtype=np.float64)
-            if q.granularity == "channel":
-                self._steps[key] = np.mean(err.reshape(err.shape[0], -1) ** 2, axis=1)
-            else:
-                self._steps[key] = np.asarray(np.mean(err**2))
+            self._steps[key] = q.compress(w, seed=realization_seed(self.seed, li))
         return self._steps[key]
 
+    def _variance(self, li: int, q: UniformQuantizer) -> np.ndarray:
+        r"""Error second moment of layer ``li`` under ``q``: () per tensor, (C,) per channel.
+
+        Read from the compressor's error model (``"uniform"``: eq. E1 / E2 of
+        ``theory/error_models.md``) or the actual mean square (``"empirical"``, eq. E4).
+        """
+        return error_second_moment(self._compressed(li, q), self.error_variance)  # (eq. L4)
+
+    def _mean_square(self, li: int, q: UniformQuantizer) -> np.ndarray:
+        r"""Mean square of layer ``li``'s actual error :math:`Q(W) - W` under ``q``."""
+        return error_second_moment(self._compressed(li, q), "empirical")
+
     def _hu_deviation(self, li: int, q: UniformQuantizer) -> float:
-        r"""Relative deviation :math:`E[e^2]/(c\Delta^2) - 1` of layer ``li``'s actual error
-        under ``q`` (per element, each in units of its own step; zero steps skipped: the
-        rows are of equal size, so this is the mean over channels of their ratios)."""
-        ref = np.atleast_1d(_error_variance_factor(q) * self._step(li, q) ** 2)
+        r"""Relative deviation :math:`\overline{e^2}/E[e^2] - 1` of layer ``li``'s actual
+        error from its error model under ``q`` (zero-variance channels skipped: the rows are
+        of equal size, so this is the mean over channels of their ratios)."""
+        c = self._compressed(li, q)
+        ref = np.atleast_1d(c.error_model.second_moment)
         ms = np.broadcast_to(np.atleast_1d(self._mean_square(li, q)), ref.shape)
         ok = ref > 0
         return float(np.mean(ms[ok] / ref[ok]) - 1.0) if ok.any() else 0.0
@@ -618,24 +690,26 @@ class AccuracyLossEstimator:
             r = self.predict_allocation(dict.fromkeys(self.grams_.layer_names, b), quantizer=q)
             fb, lb = r.flip_band(), r.accuracy_loss_band()
             return {
-                "flip_rate": r.flip_rate, "flip_rate_low": fb.low, "flip_rate_high": fb.high,
+                "flip_rate": r.flip_rate, "flip_rate_stderr": r.flip_rate_stderr,
+                "flip_rate_low": fb.low, "flip_rate_high": fb.high,
                 "accuracy_float": r.accuracy_float, "accuracy_quantized": r.accuracy_quantized,
                 "accuracy_loss": r.accuracy_loss, "accuracy_loss_low": lb.low,
                 "accuracy_loss_high": lb.high,
             }  # fmt: skip
         from distortion.theory.multiclass import semiparametric_distortion
 
-        step = np.sqrt(12.0 * self._variance(0, q.with_bits(b)))  # the uniform-equivalent step
         n_real = self.n_realizations
         r3 = semiparametric_distortion(
-            self.features_, self.W_, self.b_, step=step, labels=self.labels_,
+            self.features_, self.W_, self.b_, variance=self._variance(0, q.with_bits(b)),
+            labels=self.labels_,
             n_realizations=n_real, coverage=self.coverage, seed=self.seed,
         )  # fmt: skip
         nan = float("nan")
         fb = r3.flip_band() if n_real else (nan, nan)
         lb = r3.accuracy_loss_band() if n_real and self.labels_ is not None else (nan, nan)
         return {
-            "flip_rate": r3.flip_rate, "flip_rate_low": fb[0], "flip_rate_high": fb[1],
+            "flip_rate": r3.flip_rate, "flip_rate_stderr": 0.0,
+            "flip_rate_low": fb[0], "flip_rate_high": fb[1],
             "accuracy_float": r3.accuracy_float, "accuracy_quantized": r3.accuracy_quantized,
             "accuracy_loss": r3.accuracy_loss, "accuracy_loss_low": lb[0],
             "accuracy_loss_high": lb[1],

@@ -11,13 +11,14 @@ import pytest
 from scipy import integrate, stats
 
 from distortion.quantize import UniformQuantizer
+from distortion.results import ConfidenceInterval
 from distortion.theory import binary as B
 from distortion.theory.binary import (
     bayes_risk,
     distortion,
     distortion_curve,
-    flip_probability,
-    flip_probability_of_weights,
+    flip_rate,
+    flip_rate_of_weights,
     prepare_layer,
     risk_gradient,
     risk_hessian,
@@ -206,44 +207,44 @@ def test_flip_closed_form_is_the_bivariate_normal_orthant():
     """Eq. B14 against quadrature and against draws of the moment-matched (s, s_hat)."""
     model, W, b = make_case(seed=6)
     step = 0.5
-    res = flip_probability(model, W, b, step=step)
+    res = flip_rate(model, W, b, step=step)
     st = prepare_layer(model, W, b)
     s2 = 2 * step**2 / 12
     tau_hat = np.sqrt(st.scale**2 + s2 * st.second_moment)
     rho = st.scale / tau_hat
     ref = np.array([_flip_quad(st.g[k], st.margin[k] / tau_hat[k], rho[k]) for k in range(2)])
-    np.testing.assert_allclose(res.class_probability, ref, rtol=1e-9)
+    np.testing.assert_allclose(res.class_flip_rate, ref, rtol=1e-9)
     rng = np.random.default_rng(14)
     for k in range(2):
         cov = np.array([[st.scale[k] ** 2] * 2, [st.scale[k] ** 2, tau_hat[k] ** 2]])
         z = rng.multivariate_normal([st.margin[k]] * 2, cov, size=400_000)
         f = (z[:, 0] > 0) != (z[:, 1] > 0)
-        assert abs(f.mean() - res.class_probability[k]) < 4 * f.std() / np.sqrt(f.size)
+        assert abs(f.mean() - res.class_flip_rate[k]) < 4 * f.std() / np.sqrt(f.size)
 
 
 @pytest.mark.parametrize("step", [0.5, (0.7, 0.3)])
 def test_flip_montecarlo_matches_naive_draws_of_features_and_error(step):
     model, W, b = make_case(seed=7, d=4)
-    mc = flip_probability(model, W, b, step=step, method="montecarlo", n_draws=4000, seed=1)
+    mc = flip_rate(model, W, b, step=step, method="montecarlo", n_draws=4000, seed=1)
     _, s, s_hat = _draw_s_hat(model, W, b, step, 1_000_000, seed=15)
     f = (s > 0) != (s_hat > 0)
-    se = np.hypot(f.std() / np.sqrt(f.size), mc.stderr)
-    assert abs(f.mean() - mc.probability) < 4 * se
+    se = np.hypot(f.std() / np.sqrt(f.size), mc.flip_rate_stderr)
+    assert abs(f.mean() - mc.flip_rate) < 4 * se
     # and the closed form is close but not exact at d = 4 (moment matching)
-    closed = flip_probability(model, W, b, step=step)
-    assert abs(closed.probability / mc.probability - 1) < 0.3
+    closed = flip_rate(model, W, b, step=step)
+    assert abs(closed.flip_rate / mc.flip_rate - 1) < 0.3
 
 
 def test_flip_of_weights_matches_monte_carlo_over_features():
     model, W, b = make_case(seed=8)
     qt = UniformQuantizer(3, granularity="channel").quantize(W)
     b_hat = b + np.array([0.05, -0.02])
-    res = flip_probability_of_weights(model, W, b, qt.values, b_hat)
+    res = flip_rate_of_weights(model, W, b, qt.values, b_hat)
     x, _ = model.sample(1_000_000, seed=16)
     s = x @ (W[0] - W[1]) + b[0] - b[1]
     s_hat = x @ (qt.values[0] - qt.values[1]) + b_hat[0] - b_hat[1]
     f = (s > 0) != (s_hat > 0)
-    assert abs(f.mean() - res.probability) < 4 * f.std() / np.sqrt(f.size)
+    assert abs(f.mean() - res.flip_rate) < 4 * f.std() / np.sqrt(f.size)
 
 
 # ---------------------------------------------------------------------------- Monte Carlo
@@ -261,7 +262,7 @@ def test_montecarlo_distortion_matches_naive_loop(step):
             for _ in range(6000)
         ]
     )
-    se = np.hypot(vals.std() / np.sqrt(vals.size), mc.stderr)
+    se = np.hypot(vals.std() / np.sqrt(vals.size), mc.distortion_stderr)
     assert abs(vals.mean() - mc.distortion) < 4 * se
     # the spread is the standard deviation of one realization
     assert abs(mc.spread / vals.std() - 1) < 0.1
@@ -273,8 +274,16 @@ def test_montecarlo_is_seeded():
     r2 = distortion(model, W, b, step=0.3, method="montecarlo", n_draws=200, seed=5)
     r3 = distortion(model, W, b, step=0.3, method="montecarlo", n_draws=200, seed=6)
     assert r1.distortion == r2.distortion and r1.distortion != r3.distortion
-    lo, hi = r1.confidence_interval()
-    assert lo < r1.distortion < hi
+    ci = r1.confidence_interval()
+    assert isinstance(ci, ConfidenceInterval) and ci.method == "normal"
+    # half-width z * stderr, with z and the stderr taken independently of the interval
+    assert ci.width / 2 == pytest.approx(stats.norm.ppf(0.975) * r1.distortion_stderr, rel=1e-12)
+    assert (ci.low + ci.high) / 2 == pytest.approx(r1.distortion, rel=1e-12)
+    with pytest.warns(DeprecationWarning, match="confidence_level"):
+        old = r1.confidence_interval(level=0.8)
+    assert old.width / 2 == pytest.approx(stats.norm.ppf(0.9) * r1.distortion_stderr, rel=1e-12)
+    closed = distortion(model, W, b, step=0.3)
+    assert np.isnan(closed.confidence_interval().low)
 
 
 def test_taylor_and_moment_agree_with_montecarlo():
@@ -471,7 +480,9 @@ def test_quantizer_gives_the_step_of_quantize(granularity):
     np.testing.assert_array_equal(r.step, step)
     assert (r.step[0] == r.step[1]) == (granularity == "tensor")
     mc = distortion(model, W, b, quantizer=q, method="montecarlo", n_draws=1000, seed=0)
-    assert abs(r.distortion - mc.distortion) <= max(0.05 * abs(mc.distortion), 3 * mc.stderr)
+    assert abs(r.distortion - mc.distortion) <= max(
+        0.05 * abs(mc.distortion), 3 * mc.distortion_stderr
+    )
 
 
 def test_pooled_model_equals_class_model_with_repeated_covariance():
@@ -508,7 +519,7 @@ def test_curve_rows_equal_single_calls():
             r = distortion(model, W, b, quantizer=q, method=m, n_draws=300, seed=9)
             np.testing.assert_allclose(curve.distortion[i, j], r.distortion, rtol=1e-12)
         np.testing.assert_allclose(
-            curve.flip_probability[i, 0], flip_probability(model, W, b, quantizer=q).probability
+            curve.flip_rate[i, 0], flip_rate(model, W, b, quantizer=q).flip_rate
         )
         vals = q.quantize(W).values
         np.testing.assert_allclose(
@@ -550,7 +561,7 @@ def test_bad_input_messages():
         (lambda: distortion(model, W, b, step=0.1, method="exact"), "method must be"),
         (lambda: distortion(model, W, b, step=0.1, method="montecarlo", n_draws=1), "n_draws"),
         (lambda: distortion(model, W, b, quantizer=object()), "quantize"),
-        (lambda: flip_probability(model, W, b, step=0.1, method="taylor"), "method must be"),
+        (lambda: flip_rate(model, W, b, step=0.1, method="taylor"), "method must be"),
         (lambda: distortion_curve(model, W, b, bits=[0, 4]), "bits must be"),
         (lambda: distortion_curve(model, W, b, bits=[17]), "bits must be"),
         (lambda: distortion_curve(model, W, b, methods=("best",)), "methods must be"),
@@ -572,10 +583,10 @@ def test_bad_input_messages():
 def test_results_turn_into_frames():
     model, W, b = make_case(seed=30)
     r = distortion(model, W, b, step=0.1)
-    assert r.to_frame().shape[0] == 1 and np.isnan(r.stderr)
+    assert r.to_frame().shape[0] == 1 and np.isnan(r.distortion_stderr)
     assert r.risk_quantized == pytest.approx(r.risk + r.distortion)
-    f = flip_probability(model, W, b, step=0.1)
-    assert f.to_frame().loc[0, "flip_probability"] == f.probability
+    f = flip_rate(model, W, b, step=0.1)
+    assert f.to_frame().loc[0, "flip_rate"] == f.flip_rate
     assert prepare_layer(model, W, b).to_frame().shape[0] == 2
 
 
@@ -623,3 +634,35 @@ def test_real_cat_vs_dog_layer_mixture_and_taylor_match_montecarlo(resnet20_feat
     moment = f[("distortion", "moment")] / mc - 1
     np.testing.assert_allclose(moment[8], st.moment_limit_ratio() - 1, atol=0.01)
     assert moment[8] > 0.1
+
+
+def test_renamed_names_keep_deprecated_aliases():
+    model, W, b = make_case(seed=31)
+    with pytest.warns(DeprecationWarning, match="flip_rate"):
+        old = B.flip_probability(model, W, b, step=0.2)
+    new = flip_rate(model, W, b, step=0.2)
+    assert old.flip_rate == new.flip_rate
+    for alias, name in (
+        ("probability", "flip_rate"),
+        ("stderr", "flip_rate_stderr"),
+        ("class_probability", "class_flip_rate"),
+    ):
+        with pytest.warns(DeprecationWarning, match=name):
+            np.testing.assert_array_equal(getattr(new, alias), getattr(new, name))
+    with pytest.warns(DeprecationWarning, match="flip_rate_of_weights"):
+        B.flip_probability_of_weights(model, W, b, W + 0.01, b)
+    r = distortion(model, W, b, step=0.2)
+    with pytest.warns(DeprecationWarning, match="distortion_stderr"):
+        assert np.isnan(r.stderr)
+    curve = distortion_curve(model, W, b, bits=[4], methods=("taylor",))
+    with pytest.warns(DeprecationWarning, match="flip_rate"):
+        np.testing.assert_array_equal(curve.flip_probability, curve.flip_rate)
+    assert "flip_probability" in curve.to_frame().columns  # the frame keeps its columns
+
+
+def test_zero_step_row_is_valid_and_noise_uses_the_error_model():
+    """A zero step (a constant row) is valid; s^2 is uniform_error_variance summed (eq. B8)."""
+    model, W, b = make_case(seed=32)
+    r = distortion(model, W, b, step=(0.3, 0.0))
+    assert r.noise_variance == pytest.approx(0.3**2 / 12, rel=1e-15)
+    assert distortion(model, W, b, step=0.0).distortion == 0.0

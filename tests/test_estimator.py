@@ -154,13 +154,67 @@ def test_additive_surrogate_brackets_full_model_for_small_noise(fitted):
     assert full.flip_rate <= c.flip_rate[:, 0].sum() + 1e-12
 
 
-def test_stochastic_rounding_doubles_the_variance(fitted):
-    _, _, _, est = fitted
+def test_stochastic_rounding_uses_its_own_error_model(fitted):
+    # E[e^2] = Delta^2 p (1 - p) per weight (eq. E2), about twice Delta^2 / 12 (eq. E3)
+    from distortion.theory.error_models import stochastic_rounding_second_moment
+
+    net, _, _, est = fitted
     near = est.predict_allocation({"fc1": 5}, band=False)
     sto = est.predict_allocation({"fc1": 5}, quantizer=UniformQuantizer(5, rounding="stochastic"))
-    v_near = near.noise_variances[LAYERS.index("fc1")]
-    v_sto = sto.noise_variances[LAYERS.index("fc1")]
-    assert float(v_sto) == pytest.approx(2 * float(v_near))
+    v_near = float(near.noise_variances[LAYERS.index("fc1")])
+    v_sto = float(sto.noise_variances[LAYERS.index("fc1")])
+    w = net.get_submodule("fc1").weight.detach().numpy().astype(np.float64)
+    step = UniformQuantizer(5).qparams(w).step
+    naive = np.mean([step**2 * (v / step - np.floor(v / step)) * (1 - v / step + np.floor(v / step))
+                     for v in w.ravel()])  # fmt: skip
+    assert v_sto == pytest.approx(naive, rel=1e-12)
+    assert v_near == pytest.approx(step**2 / 12, rel=1e-12)
+    assert 1.7 < v_sto / v_near < 2.3
+
+
+def test_bits_and_settings_are_not_coerced_silently(fitted):
+    _, _, _, est = fitted
+    with pytest.raises(ValueError, match="string"):
+        est.predict(bits="16")  # was bits 1 and 6
+    with pytest.raises(ValueError, match="4.5"):
+        est.predict(bits=[4.5])  # was truncated to 4
+    with pytest.raises(ValueError, match="integer"):
+        est.predict(bits=[True])
+    assert est.predict(bits=[4.0], quantizer=UniformQuantizer(4)).bits.tolist() == [4]
+    with pytest.raises(ValueError, match="n_realizations"):
+        AccuracyLossEstimator(n_realizations=4.7)
+    with pytest.raises(ValueError, match="at least 39"):
+        AccuracyLossEstimator(n_realizations=5)  # a 95 % band needs 39 realizations
+    AccuracyLossEstimator(n_realizations=39)
+    AccuracyLossEstimator(n_realizations=0)
+    with pytest.raises(ValueError, match="memory_mb"):
+        AccuracyLossEstimator(memory_mb=0)
+
+
+def test_fit_model_passes_batch_size_and_memory_budget(monkeypatch):
+    import distortion.experiments.sensitivity as sens
+
+    seen = {}
+
+    def fake(model, data, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(sens, "gradient_grams", fake)
+    est = AccuracyLossEstimator(batch_size=7, memory_mb=64, progress=False)
+    with pytest.raises(RuntimeError, match="stop"):
+        est.fit_model(None, None)
+    assert seen["batch_size"] == 7 and seen["memory_mb"] == 64
+
+
+def test_predictions_have_the_shared_shape(fitted):
+    _, _, _, est = fitted
+    pred = est.predict(bits=[4, 6])
+    ps = pred.predictions()
+    assert [p.level for p in ps] == ["3L", "3L"]
+    assert ps[0].flip_rate == pred.flip_rate[0]
+    assert ps[1].flip_rate_band == (pred.flip_rate_low[1], pred.flip_rate_high[1])
+    assert np.isfinite(pred.to_frame()["flip_rate_stderr"]).all()
 
 
 def test_empirical_error_variance_is_the_mean_square_error(fitted):

@@ -9,7 +9,6 @@ the orthant-vs-Monte-Carlo acceptance check).
 
 from __future__ import annotations
 
-import time
 import types
 from functools import cache
 
@@ -18,14 +17,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from distortion.results import ConfidenceInterval, Prediction
 from distortion.theory import binary
 from distortion.theory import multiclass as M
+from distortion.theory.error_models import uniform_error_variance
 from distortion.theory.gaussian import GaussianModel
 from distortion.theory.multiclass import (
     multiclass_accuracy,
     multiclass_distortion,
     multiclass_distortion_actual,
-    semiparametric_distortion,
 )
 
 
@@ -145,11 +145,11 @@ def test_orthant_and_montecarlo_agree_K10():
     orth = multiclass_distortion(model, W, b, step=step, method="orthant", seed=0, abseps=1e-4)
     mc = multiclass_distortion(model, W, b, step=step, method="montecarlo", seed=1)
     for q in ("accuracy_float", "accuracy_quantized", "accuracy_loss"):
-        se = getattr(mc, "stderr_" + q)
+        se = getattr(mc, q + "_stderr")
         assert abs(getattr(orth, q) - getattr(mc, q)) < 3 * se, q
     assert orth.flip_method == mc.flip_method == "montecarlo"
     assert orth.flip_rate > 0.01  # a regime where the check has power
-    assert orth.accuracy_loss > 3 * mc.stderr_accuracy_loss
+    assert orth.accuracy_loss > 3 * mc.accuracy_loss_stderr
     # the float-only entry point gives the same orthant numbers for the same seed
     acc = multiclass_accuracy(model, W, b, method="orthant", seed=0, abseps=1e-4)
     assert abs(acc.accuracy - orth.accuracy_float) < 1e-4
@@ -169,7 +169,7 @@ def test_moment_matching_close_to_exact_uniform_error():
     flip_ref = model.priors @ ref[0, 2]
     flip_se = np.sqrt(np.sum(model.priors**2 * ref[1, 2] ** 2))
     mc = multiclass_distortion(model, W, b, step=step, method="montecarlo", seed=3)
-    assert abs(mc.flip_rate - flip_ref) < 4 * np.hypot(flip_se, mc.stderr_flip_rate)
+    assert abs(mc.flip_rate - flip_ref) < 4 * np.hypot(flip_se, mc.flip_rate_stderr)
 
 
 def test_flip_orthant_matches_montecarlo_small_K():
@@ -179,10 +179,10 @@ def test_flip_orthant_matches_montecarlo_small_K():
         model, W, b, step=step, method="orthant", flip_method="orthant", seed=0
     )
     mc = multiclass_distortion(model, W, b, step=step, method="montecarlo", seed=1)
-    assert np.isnan(orth.stderr_flip_rate)
+    assert np.isnan(orth.flip_rate_stderr)
     assert orth.flip_rate > 0.02
-    assert abs(orth.flip_rate - mc.flip_rate) < 4 * mc.stderr_flip_rate
-    assert np.all(np.abs(orth.class_flip - mc.class_flip) < 4 * mc.class_stderr_flip)
+    assert abs(orth.flip_rate - mc.flip_rate) < 4 * mc.flip_rate_stderr
+    assert np.all(np.abs(orth.class_flip_rate - mc.class_flip_rate) < 4 * mc.class_flip_rate_stderr)
 
 
 def test_pooled_path_equals_class_path():
@@ -260,9 +260,9 @@ def test_two_classes_equal_binary_theory():
         theirs = binary.distortion(model, W, b, step=steps, method="moment")
         assert mine.accuracy_loss == pytest.approx(theirs.distortion, abs=1e-12)
         assert 1 - mine.accuracy_quantized == pytest.approx(theirs.risk_quantized, abs=1e-12)
-        flip = binary.flip_probability(model, W, b, step=steps, method="closed")
-        assert mine.flip_rate == pytest.approx(flip.probability, abs=1e-9)
-        np.testing.assert_allclose(mine.class_flip, flip.class_probability, atol=1e-9)
+        flip = binary.flip_rate(model, W, b, step=steps, method="closed")
+        assert mine.flip_rate == pytest.approx(flip.flip_rate, abs=1e-9)
+        np.testing.assert_allclose(mine.class_flip_rate, flip.class_flip_rate, atol=1e-9)
 
 
 def test_two_classes_level2_equals_binary_weights():
@@ -275,8 +275,8 @@ def test_two_classes_level2_equals_binary_weights():
     )
     risk = binary.risk_of_weights(model, W_hat, b_hat).risk
     assert 1 - mine.accuracy_quantized == pytest.approx(risk, abs=1e-12)
-    flip = binary.flip_probability_of_weights(model, W, b, W_hat, b_hat)
-    assert mine.flip_rate == pytest.approx(flip.probability, abs=1e-9)
+    flip = binary.flip_rate_of_weights(model, W, b, W_hat, b_hat)
+    assert mine.flip_rate == pytest.approx(flip.flip_rate, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- level 2
@@ -293,7 +293,7 @@ def test_level2_matches_feature_space_mc():
     for i, q in enumerate(("accuracy_float", "accuracy_quantized", "flip_rate")):
         est, se = p @ ref[0, i], np.sqrt(np.sum(p**2 * ref[1, i] ** 2))
         for r in (res, mc):  # orthant values have no stderr (their error is <= 1e-5)
-            own = np.nan_to_num(getattr(r, "stderr_" + q))
+            own = np.nan_to_num(getattr(r, q + "_stderr"))
             assert abs(getattr(r, q) - est) < 4 * np.hypot(se, own), (r.method, q)
     assert res.level == 2 and res.flip_rate > 0.01
 
@@ -306,142 +306,6 @@ def test_level2_with_float_weights_is_lossless():
     assert res.flip_rate == 0 and res.accuracy_loss == 0
 
 
-# ----------------------------------------------------------------------------- level 3
-def synthetic_features(N=60, K=10, d=64, seed=5):
-    """ReLU-like (non-negative) features around class means, and a random layer."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(K, d))
-    W = rng.normal(size=(K, d)) / np.sqrt(d)
-    y = rng.integers(0, K, N)
-    X = np.abs(means[y] + rng.normal(size=(N, d)))
-    b = rng.normal(size=K) * 0.1
-    return X, y, W, b
-
-
-def test_quadrature_matches_naive_orthant_cdf():
-    """Eq. M13 vs the margins' orthant with covariance r^2 (s_ref^2 11^T + diag(s_j^2))."""
-    X, y, W, b = synthetic_features(N=8, K=5, d=20, seed=1)
-    steps = np.array([0.3, 0.1, 0.2, 0.25, 0.15])
-    res = semiparametric_distortion(X, W, b, step=steps, labels=y, n_realizations=0)
-    sig2 = steps**2 / 12
-    rng = np.random.default_rng(0)
-    for i in range(X.shape[0]):
-        z = W @ X[i] + b
-        r2 = X[i] @ X[i]
-        for ref, got in (
-            (np.argmax(z), 1 - res.flip_probabilities[i]),
-            (y[i], res.correct_probabilities[i]),
-        ):
-            o = np.delete(np.arange(5), ref)
-            cov = r2 * (sig2[ref] + np.diag(sig2[o]))
-            want = stats.multivariate_normal.cdf(
-                z[ref] - z[o], mean=np.zeros(4), cov=cov, abseps=1e-7, releps=1e-7, rng=rng
-            )
-            assert got == pytest.approx(want, abs=2e-6)
-
-
-def test_level3_per_sample_matches_mc_over_E():
-    """Acceptance: per-sample flip probabilities vs direct Monte Carlo over E (4 stderr).
-
-    Gaussian E entries make eq. M12 exact (tight check of the quadrature); uniform E (H_U)
-    checks the CLT step at d = 64 and 3 bits, the largest noise of interest.
-    """
-    X, y, W, b = synthetic_features()
-    step = step_for(W, 3)
-    res = semiparametric_distortion(X, W, b, step=step, labels=y, n_realizations=0)
-    z = X @ W.T + b
-    pred = z.argmax(1)
-    R = 20_000
-    for dist in ("gauss", "uniform"):
-        rng = np.random.default_rng(7)
-        flips = np.zeros(X.shape[0])
-        correct = np.zeros(X.shape[0])
-        for _ in range(R // 500):
-            shape = (500, *W.shape)
-            if dist == "gauss":
-                E = rng.standard_normal(shape) * step / np.sqrt(12)
-            else:
-                E = rng.uniform(-0.5, 0.5, shape) * step
-            zq = z[None] + np.einsum("nd,rkd->rnk", X, E)
-            pq = zq.argmax(2)
-            flips += (pq != pred).sum(0)
-            correct += (pq == y).sum(0)
-        for est, got in (
-            (flips / R, res.flip_probabilities),
-            (correct / R, res.correct_probabilities),
-        ):
-            se = np.sqrt(np.maximum(est * (1 - est), 1 / R) / R)
-            assert np.all(np.abs(got - est) < 4 * se), (dist, np.max(np.abs(got - est) / se))
-    assert 0.1 < res.flip_rate < 0.9
-
-
-def test_level3_zero_feature_and_tiny_step():
-    X, y, W, b = synthetic_features(N=20, K=4, d=8, seed=2)
-    X[3] = 0.0
-    res = semiparametric_distortion(X, W, b, step=1e-9, labels=y, n_realizations=40, seed=0)
-    assert res.flip_probabilities[3] == 0
-    assert res.flip_rate < 1e-6 and res.flip_counts.sum() == 0
-    assert res.accuracy_loss == pytest.approx(0, abs=1e-6)
-    assert res.flip_band() == (0.0, 0.0)
-
-
-def test_level3_band_covers_new_realizations():
-    """Eq. M16: the band covers the flip count of fresh realizations of E on the same samples
-    at about the nominal rate, where a binomial band (independent flips) would not."""
-    X, y, W, b = synthetic_features(N=400, K=5, d=16, seed=3)
-    step = step_for(W, 3)
-    res = semiparametric_distortion(X, W, b, step=step, labels=y, n_realizations=400, seed=1)
-    assert res.flip_rate_sd() > 1.3 * res.flip_rate_binomial_sd()  # strong dependence
-    rng = np.random.default_rng(99)  # fresh realizations, independent of the band's
-    z = X @ W.T + b
-    pred = z.argmax(1)
-    T = 1000
-    E = rng.uniform(-0.5, 0.5, size=(T, *W.shape)) * step
-    rates = ((z[None] + np.einsum("nd,rkd->rnk", X, E)).argmax(2) != pred).mean(1)
-    lo, hi = res.flip_band()
-    coverage = np.mean((rates >= lo) & (rates <= hi))
-    assert 0.90 <= coverage <= 0.995, coverage
-    half = 1.96 * res.flip_rate_binomial_sd()
-    naive = np.mean(np.abs(rates - res.flip_rate) <= half)
-    assert naive < 0.85, naive  # the binomial band would be dishonest here
-    # the quadrature mean agrees with the simulated realizations (CLT, eq. M12)
-    sim_se = res.flip_rate_sd() / np.sqrt(res.n_realizations)
-    assert abs(res.simulated_flip_rate() - res.flip_rate) < 4 * sim_se + 2e-3
-
-
-def test_level3_result_frames_and_bands():
-    X, y, W, b = synthetic_features(N=50, K=4, d=8, seed=4)
-    res = semiparametric_distortion(
-        X, W, b, step=0.2, labels=y, n_realizations=100, seed=0, coverage=0.9
-    )
-    f = res.to_frame()
-    assert f.shape[0] == 1 and {"flip_rate_low", "accuracy_loss_high"} <= set(f.columns)
-    g = res.to_frame(per_sample=True)
-    assert g.shape == (50, 4)
-    lo, hi = res.flip_band()
-    assert lo <= hi and isinstance(res.flip_band(), M.Band)
-    al, ah = res.accuracy_loss_band()
-    assert al <= ah
-    assert "flip_probabilities" not in repr(res)
-    with pytest.raises(AttributeError):
-        res.flip_rate = 0.0  # frozen
-    nolab = semiparametric_distortion(X, W, b, step=0.2, n_realizations=0)
-    assert np.isnan(nolab.accuracy_float) and nolab.correct_probabilities is None
-    assert np.isnan(nolab.flip_band().low)
-    with pytest.raises(ValueError, match="labels"):
-        nolab.accuracy_band()
-
-
-def test_level3_timing_N10000_K10():
-    """Level 3 for N = 10 000, K = 10, d = 64 with a 400-realization band in seconds."""
-    X, y, W, b = synthetic_features(N=10_000, K=10, d=64, seed=6)
-    t0 = time.perf_counter()
-    res = semiparametric_distortion(X, W, b, step=step_for(W, 4), labels=y, seed=0)
-    elapsed = time.perf_counter() - t0
-    assert res.n_realizations == 400 and res.flip_probabilities.shape == (10_000,)
-    assert elapsed < 30, elapsed
-
-
 # ----------------------------------------------------------------------------- results
 def test_distortion_result_frames():
     model, W, b = make_case(K=4, d=8, seed=13)
@@ -450,10 +314,88 @@ def test_distortion_result_frames():
     assert f.shape == (1, 12) and f["level"].iloc[0] == 1
     pc = res.to_frame(per_class=True)
     assert pc.shape[0] == 4 and np.allclose(pc["accuracy_loss"], res.class_accuracy_loss())
-    lo, hi = res.confidence_interval("flip_rate")
-    assert lo < res.flip_rate < hi
+    ci = res.confidence_interval("flip_rate")
+    assert isinstance(ci, ConfidenceInterval) and ci.confidence_level == 0.95
+    # the half-width is z * stderr, z and the stderr computed independently of the interval
+    z = stats.norm.ppf(0.975)
+    se = np.sqrt(np.sum(res.priors**2 * res.class_flip_rate_stderr**2))  # (eq. M8)
+    assert (ci.high - ci.low) / 2 == pytest.approx(z * se, rel=1e-12)
+    assert (ci.high + ci.low) / 2 == pytest.approx(res.flip_rate, rel=1e-12)
+    c90 = res.confidence_interval("flip_rate", confidence_level=0.9)
+    assert c90.width / ci.width == pytest.approx(stats.norm.ppf(0.95) / z, rel=1e-12)
+    with pytest.warns(DeprecationWarning, match="confidence_level"):
+        old = res.confidence_interval("flip_rate", level=0.9)
+    assert tuple(old) == tuple(c90)
+    with pytest.raises(ValueError, match="confidence_level"):
+        res.confidence_interval("flip_rate", 1.5)
     assert isinstance(multiclass_accuracy(model, W, b).to_frame(), pd.DataFrame)
     assert "class_flip" not in repr(res)
+    assert {"flip_rate_stderr", "accuracy_loss_stderr"} <= set(f.columns)
+
+
+def test_level1_zero_step_row_is_exact():
+    """A zero step (a constant row, returned unchanged by the quantizer) is valid: that row
+    gets no noise, the same as variance 0 there."""
+    model, W, b = make_case(K=4, d=8, seed=16)
+    steps = np.array([0.2, 0.0, 0.1, 0.3])
+    kw = {"method": "orthant", "seed": 0}
+    a = multiclass_distortion(model, W, b, step=steps, **kw)
+    v = multiclass_distortion(model, W, b, variance=steps**2 / 12, **kw)
+    assert a.accuracy_loss == pytest.approx(v.accuracy_loss, abs=1e-12)
+    joint = M._LogitJoint(model, W, b, step=steps)
+    assert np.all(joint.noise_diag[:, 1] == 0)
+
+
+def test_variance_input_equals_uniform_step_conversion():
+    """variance= is the primary input; step= converts through uniform_error_variance."""
+    model, W, b = make_case(K=4, d=8, seed=17)
+    steps = np.array([0.2, 0.15, 0.1, 0.3])
+    kw = {"method": "montecarlo", "n_draws": 4000, "seed": 3}
+    a = multiclass_distortion(model, W, b, step=steps, **kw)
+    v = multiclass_distortion(model, W, b, variance=uniform_error_variance(steps), **kw)
+    assert a.flip_rate == v.flip_rate and a.accuracy_loss == v.accuracy_loss
+    acc_s = multiclass_accuracy(model, W, b, step=steps, method="orthant", seed=0)
+    acc_v = multiclass_accuracy(model, W, b, variance=steps**2 / 12, method="orthant", seed=0)
+    assert acc_v.quantized and acc_s.accuracy == pytest.approx(acc_v.accuracy, abs=1e-12)
+    with pytest.raises(ValueError, match="exactly one"):
+        multiclass_accuracy(model, W, b, step=steps, variance=steps**2 / 12)
+
+
+def test_renamed_fields_keep_deprecated_aliases():
+    model, W, b = make_case(K=4, d=8, seed=13)
+    res = multiclass_distortion(model, W, b, step=0.2, method="montecarlo", n_draws=4000, seed=0)
+    pairs = {
+        "stderr_accuracy_float": "accuracy_float_stderr",
+        "stderr_accuracy_quantized": "accuracy_quantized_stderr",
+        "stderr_accuracy_loss": "accuracy_loss_stderr",
+        "stderr_flip_rate": "flip_rate_stderr",
+        "class_flip": "class_flip_rate",
+        "class_stderr_flip": "class_flip_rate_stderr",
+        "class_stderr_accuracy_loss": "class_accuracy_loss_stderr",
+    }
+    for old, new in pairs.items():
+        with pytest.warns(DeprecationWarning, match=new):
+            np.testing.assert_array_equal(getattr(res, old), getattr(res, new))
+    acc = multiclass_accuracy(model, W, b, method="montecarlo", n_draws=2000, seed=0)
+    with pytest.warns(DeprecationWarning, match="accuracy_stderr"):
+        assert acc.stderr == acc.accuracy_stderr
+    lo, hi = acc.confidence_interval(0.9)
+    assert hi - lo == pytest.approx(2 * stats.norm.ppf(0.95) * acc.accuracy_stderr)
+
+
+def test_to_prediction_levels_1_and_2():
+    model, W, b = make_case(K=4, d=8, seed=13)
+    res = multiclass_distortion(model, W, b, step=0.2, method="montecarlo", n_draws=4000, seed=0)
+    p = res.to_prediction()
+    assert isinstance(p, Prediction) and p.level == "1" and p.method == "montecarlo"
+    assert p.flip_rate == res.flip_rate and p.flip_rate_stderr == res.flip_rate_stderr
+    assert p.accuracy_loss == res.accuracy_loss
+    assert p.accuracy_compressed == res.accuracy_quantized
+    assert p.n_samples == int(res.n_draws.sum()) and np.isnan(p.flip_rate_band.low)
+    W_hat = W + 0.01
+    p2 = multiclass_distortion_actual(model, W, b, W_hat, method="orthant").to_prediction()
+    assert p2.level == "2" and p2.method == "orthant+montecarlo"
+    assert np.isnan(p2.accuracy_loss_stderr)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -464,7 +406,10 @@ def test_distortion_result_frames():
         ({"W": np.zeros((4, 7))}, "d mismatch"),
         ({"b": np.zeros(3)}, "K mismatch"),
         ({"W": np.full((4, 8), np.nan)}, "finite"),
-        ({"step": 0.0}, "positive"),
+        ({"step": -0.1}, "non-negative"),
+        ({"step": None}, "exactly one"),
+        ({"variance": 0.01}, "exactly one"),
+        ({"step": None, "variance": -1.0}, "non-negative"),
         ({"step": np.ones(3)}, "shape"),
         ({"step": np.inf}, "finite"),
         ({"method": "exact"}, "method"),
@@ -492,12 +437,3 @@ def test_method_limits_and_other_validation():
         multiclass_accuracy(object(), W, b)
     with pytest.raises(ValueError, match="W_hat.*K mismatch"):
         multiclass_distortion_actual(model, W, b, W[:3])
-    X, y, W, b = synthetic_features(N=10, K=4, d=8)
-    with pytest.raises(ValueError, match="d mismatch"):
-        semiparametric_distortion(X[:, :5], W, b, step=0.1)
-    with pytest.raises(ValueError, match="labels"):
-        semiparametric_distortion(X, W, b, step=0.1, labels=np.full(10, 4))
-    with pytest.raises(ValueError, match="n_realizations"):
-        semiparametric_distortion(X, W, b, step=0.1, n_realizations=10)
-    with pytest.raises(ValueError, match="finite"):
-        semiparametric_distortion(X * np.nan, W, b, step=0.1)

@@ -408,8 +408,18 @@ def test_band_from_cached_realizations(tiny_grams):
     lo, hi = res.flip_band()
     assert res.n_realizations == 40
     assert lo <= res.simulated_flip_rate() <= hi
-    # 40 realizations: the 95% band is [min, max] (floor(41 * 0.025) = 1)
-    assert (lo, hi) == (res.flip_counts.min() / 64, res.flip_counts.max() / 64)
+    # the band is the order-statistic interval of eq. M16 / L15, computed here independently:
+    # the largest l with (R + 1 - 2l) / (R + 1) >= coverage, then the l-th smallest and largest
+    srt = sorted(int(c) for c in res.flip_counts)
+    for cov in (0.95, 0.9, 0.5):
+        l_ = max(l for l in range(0, 21) if (41 - 2 * l) / 41 >= cov - 1e-12)
+        assert res.flip_band(cov) == (srt[l_ - 1] / 64, srt[40 - l_] / 64), cov
+    assert np.isnan(res.flip_band(0.99).low)  # 40 realizations are too few for 99 %
+    p = res.to_prediction()
+    assert p.level == "3L" and tuple(p.flip_rate_band) == (lo, hi)
+    assert p.flip_rate_stderr == res.flip_rate_stderr
+    assert tuple(p.accuracy_loss_band) == tuple(res.accuracy_loss_band())
+    assert p.accuracy_compressed == res.accuracy_quantized and p.n_samples == 64
     frame = res.to_frame()
     assert {"flip_rate", "flip_rate_low", "accuracy_loss_high", "level"} <= set(frame.columns)
     assert len(res.to_frame(per_sample=True)) == 64

@@ -23,7 +23,7 @@ decision differs from the float one (eqs. B13--B15), and the risk of actual quan
 
 References
 ----------
-.. [1] A. Resmerita et al., "Distortion approximation of a compressed softmax layer",
+.. [1] D. Resmerita et al., "Distortion approximation of a compressed softmax layer",
    IEEE Statistical Signal Processing Workshop (SSP), 2021.
 .. [2] D. B. Owen, "Tables for computing bivariate normal probabilities", Annals of
    Mathematical Statistics 27(4), 1956.
@@ -35,14 +35,25 @@ import functools
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 from scipy.linalg.blas import dsymv
 from scipy.special import ndtr, owens_t
 
+from distortion._validation import as_float_array
+from distortion._validation import check_step as _check_row_steps
+from distortion.results import (
+    ConfidenceInterval,
+    check_confidence_level,
+    deprecated_alias,
+    normal_interval,
+)
+from distortion.theory.error_models import uniform_error_variance
 from distortion.theory.gaussian import GaussianModel
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "BayesRisk",
@@ -55,6 +66,8 @@ __all__ = [
     "distortion_curve",
     "flip_probability",
     "flip_probability_of_weights",
+    "flip_rate",
+    "flip_rate_of_weights",
     "prepare_layer",
     "risk_gradient",
     "risk_hessian",
@@ -114,17 +127,6 @@ def _symv(S: np.ndarray, x: np.ndarray) -> np.ndarray:
     return S @ x
 
 
-def _as_float_array(a: Any, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a)
-        arr = arr.astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric array, got {type(a).__name__}") from exc
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite; found NaN or inf")
-    return arr
-
-
 def _check_model(model: GaussianModel) -> None:
     if not isinstance(model, GaussianModel):
         raise ValueError(f"model must be a GaussianModel, got {type(model).__name__}")
@@ -139,13 +141,13 @@ def _layer(model: GaussianModel, W: Any, b: Any, *, names: tuple[str, str] = ("W
     """Validate a two-class layer and return ``v = w_1 - w_2`` (d,) and ``c = b_1 - b_2``."""
     _check_model(model)
     wn, bn = names
-    W = _as_float_array(W, wn)
+    W = as_float_array(W, wn)
     d = model.n_features
     if W.shape != (2, d):
         raise ValueError(
             f"{wn} must have shape (2, n_features) = (2, {d}) to match the model, got {W.shape}"
         )
-    b = np.zeros(2) if b is None else _as_float_array(b, bn)
+    b = np.zeros(2) if b is None else as_float_array(b, bn)
     if b.shape != (2,):
         raise ValueError(f"{bn} must have shape (2,) (or be None for no bias), got {b.shape}")
     v = W[0] - W[1]
@@ -265,6 +267,8 @@ class BinaryLayerStats:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per class with margin, scale, g, M and the layer-level scalars."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "class": [0, 1],
@@ -411,6 +415,8 @@ class BayesRisk:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per class."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "class": [0, 1],
@@ -423,13 +429,26 @@ class BayesRisk:
         )
 
 
+def _alias(new: str, old: str):
+    """A read-only property ``old`` that warns and returns the attribute ``new``."""
+
+    def get(self):
+        return deprecated_alias(new, old, getattr(self, new))
+
+    get.__doc__ = f"Deprecated alias of ``{new}``."
+    return property(get)
+
+
 @dataclass(frozen=True)
 class DistortionResult:
-    r"""Distortion :math:`D = E_E[R(W+E)] - R(W)` of one step size by one method."""
+    r"""Distortion :math:`D = E_E[R(W+E)] - R(W)` of one step size by one method.
+
+    ``stderr`` is a deprecated alias of ``distortion_stderr``.
+    """
 
     method: str
     distortion: float  # D
-    stderr: float  # Monte Carlo standard error of D (NaN for closed forms)
+    distortion_stderr: float  # Monte Carlo standard error of D (NaN for closed forms)
     risk: float  # R(W), float weights
     risk_quantized: float  # E_E[R(W+E)] = risk + distortion
     spread: float  # sd_E[R(W+E)] of a single realization (eq. B12 or Monte Carlo)
@@ -437,15 +456,24 @@ class DistortionResult:
     noise_variance: float  # s^2 = (Delta_1^2 + Delta_2^2) / 12 (eq. B8)
     n_draws: int = 0  # antithetic pairs of draws (0 for closed forms)
 
-    def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
-        """Normal-approximation interval for D (Monte Carlo only; NaN otherwise)."""
-        from scipy.stats import norm
+    stderr = _alias("distortion_stderr", "stderr")
 
-        z = norm.ppf(0.5 + level / 2)
-        return (self.distortion - z * self.stderr, self.distortion + z * self.stderr)
+    def confidence_interval(
+        self, confidence_level: float = 0.95, *, level: float | None = None
+    ) -> ConfidenceInterval:
+        """Normal-approximation interval for D (Monte Carlo only; NaN otherwise).
+
+        ``level=`` is a deprecated alias of ``confidence_level=``.
+        """
+        if level is not None:
+            confidence_level = deprecated_alias("confidence_level=", "level=", level)
+        check_confidence_level(confidence_level)
+        return normal_interval(self.distortion, self.distortion_stderr, confidence_level)
 
     def to_frame(self) -> pd.DataFrame:
         """One row."""
+        import pandas as pd
+
         return pd.DataFrame(
             [
                 {
@@ -456,7 +484,7 @@ class DistortionResult:
                     "risk": self.risk,
                     "risk_quantized": self.risk_quantized,
                     "distortion": self.distortion,
-                    "stderr": self.stderr,
+                    "distortion_stderr": self.distortion_stderr,
                     "spread": self.spread,
                     "n_draws": self.n_draws,
                 }
@@ -466,27 +494,42 @@ class DistortionResult:
 
 @dataclass(frozen=True)
 class FlipResult:
-    r"""Probability that the quantized decision differs from the float one."""
+    r"""Flip rate: the probability that the quantized decision differs from the float one.
+
+    ``probability``, ``stderr`` and ``class_probability`` are deprecated aliases of
+    ``flip_rate``, ``flip_rate_stderr`` and ``class_flip_rate``.
+    """
 
     method: str
-    probability: float  # P(sign s_hat != sign s)
-    stderr: float  # Monte Carlo standard error (NaN for closed forms)
-    class_probability: np.ndarray  # (2,)  P(flip | class k)
+    flip_rate: float  # P(sign s_hat != sign s)
+    flip_rate_stderr: float  # Monte Carlo standard error (NaN for closed forms)
+    class_flip_rate: np.ndarray  # (2,)  P(flip | class k)
     step: np.ndarray  # (2,)  step of each row (NaN for method="weights")
     n_draws: int = 0
 
+    probability = _alias("flip_rate", "probability")
+    stderr = _alias("flip_rate_stderr", "stderr")
+    class_probability = _alias("class_flip_rate", "class_probability")
+
+    def confidence_interval(self, confidence_level: float = 0.95) -> ConfidenceInterval:
+        """Normal-approximation interval for the flip rate (Monte Carlo only; NaN otherwise)."""
+        check_confidence_level(confidence_level)
+        return normal_interval(self.flip_rate, self.flip_rate_stderr, confidence_level)
+
     def to_frame(self) -> pd.DataFrame:
         """One row."""
+        import pandas as pd
+
         return pd.DataFrame(
             [
                 {
                     "method": self.method,
                     "step_1": float(self.step[0]),
                     "step_2": float(self.step[1]),
-                    "flip_probability": self.probability,
-                    "stderr": self.stderr,
-                    "flip_class_0": float(self.class_probability[0]),
-                    "flip_class_1": float(self.class_probability[1]),
+                    "flip_rate": self.flip_rate,
+                    "flip_rate_stderr": self.flip_rate_stderr,
+                    "flip_class_0": float(self.class_flip_rate[0]),
+                    "flip_class_1": float(self.class_flip_rate[1]),
                     "n_draws": self.n_draws,
                 }
             ]
@@ -495,21 +538,33 @@ class FlipResult:
 
 @dataclass(frozen=True)
 class DistortionCurve:
-    r"""Distortion and flip probability against bit-width, for several methods."""
+    r"""Distortion and flip rate against bit-width, for several methods.
+
+    ``stderr``, ``flip_probability`` and ``flip_stderr`` are deprecated aliases of
+    ``distortion_stderr``, ``flip_rate`` and ``flip_rate_stderr``. The columns of
+    :meth:`to_frame` keep their names (``stderr``, ``flip_probability``, ``flip_stderr``)
+    for the plotting and experiment code that reads them.
+    """
 
     bits: np.ndarray  # (n_bits,)
     step: np.ndarray  # (n_bits, 2)  per-row steps
     methods: tuple[str, ...]  # (n_methods,)
     risk: float  # R(W)
     distortion: np.ndarray  # (n_bits, n_methods)
-    stderr: np.ndarray  # (n_bits, n_methods)  NaN for closed forms
+    distortion_stderr: np.ndarray  # (n_bits, n_methods)  NaN for closed forms
     spread: np.ndarray  # (n_bits, n_methods)
-    flip_probability: np.ndarray  # (n_bits, n_methods)
-    flip_stderr: np.ndarray  # (n_bits, n_methods)
+    flip_rate: np.ndarray  # (n_bits, n_methods)
+    flip_rate_stderr: np.ndarray  # (n_bits, n_methods)
     n_draws: int = 0
+
+    stderr = _alias("distortion_stderr", "stderr")
+    flip_probability = _alias("flip_rate", "flip_probability")
+    flip_stderr = _alias("flip_rate_stderr", "flip_stderr")
 
     def to_frame(self) -> pd.DataFrame:
         """Long format: one row per bit-width x method."""
+        import pandas as pd
+
         nb, nm = self.distortion.shape
         return pd.DataFrame(
             {
@@ -517,13 +572,13 @@ class DistortionCurve:
                 "method": np.tile(np.array(self.methods, dtype=object), nb),
                 "step_1": np.repeat(self.step[:, 0], nm),
                 "step_2": np.repeat(self.step[:, 1], nm),
-                "noise_variance": np.repeat((self.step**2).sum(axis=1) / 12.0, nm),
+                "noise_variance": np.repeat(uniform_error_variance(self.step).sum(axis=1), nm),
                 "risk": self.risk,
                 "distortion": self.distortion.ravel(),
-                "stderr": self.stderr.ravel(),
+                "stderr": self.distortion_stderr.ravel(),
                 "spread": self.spread.ravel(),
-                "flip_probability": self.flip_probability.ravel(),
-                "flip_stderr": self.flip_stderr.ravel(),
+                "flip_probability": self.flip_rate.ravel(),
+                "flip_stderr": self.flip_rate_stderr.ravel(),
             }
         )
 
@@ -662,22 +717,14 @@ def _quantizer_step(quantizer: Any, W: Any) -> np.ndarray:
 
 
 def _check_step(step: Any, name: str) -> np.ndarray:
-    s = np.asarray(step, dtype=np.float64)
-    if s.shape == ():
-        s = np.array([float(s), float(s)])
-    elif s.shape == (1,):
-        s = np.repeat(s, 2)
-    if s.shape != (2,):
-        raise ValueError(f"{name} must be a scalar or have shape (2,) (one per row), got {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError(f"{name} must be finite and non-negative, got {s!r}")
-    return s
+    """Per-row steps (2,): a scalar or one per row; 0 (a constant row) is valid."""
+    return _check_row_steps(step, 2, name=name)
 
 
 def _noise(step: np.ndarray) -> tuple[float, float]:
     """Variance s^2 and fourth cumulant of each entry of e = e_1 - e_2 (eq. B8)."""
-    s2 = float(np.sum(step**2) / 12.0)
-    kappa = float(-np.sum(step**4) / 120.0)
+    s2 = float(np.sum(uniform_error_variance(step)))  # (eq. E1)
+    kappa = float(-np.sum(step**4) / 120.0)  # fourth cumulant of U(-D/2, D/2)
     return s2, kappa
 
 
@@ -956,7 +1003,7 @@ def distortion(
         return DistortionResult(
             method=method,
             distortion=d,
-            stderr=se,
+            distortion_stderr=se,
             risk=st.risk,
             risk_quantized=st.risk + d,
             spread=spread,
@@ -974,7 +1021,7 @@ def distortion(
     return DistortionResult(
         method=method,
         distortion=d,
-        stderr=np.nan,
+        distortion_stderr=np.nan,
         risk=st.risk,
         risk_quantized=rq,
         spread=_spread(st, s2, kappa),
@@ -983,7 +1030,7 @@ def distortion(
     )
 
 
-def flip_probability(
+def flip_rate(
     model: GaussianModel,
     W: Any,
     b: Any,
@@ -994,7 +1041,7 @@ def flip_probability(
     n_draws: int = 2000,
     seed: int | np.random.Generator | None = None,
 ) -> FlipResult:
-    r"""Probability that the quantized layer decides differently from the float one.
+    r"""Flip rate: the probability that the quantized layer decides differently.
 
     Parameters
     ----------
@@ -1033,9 +1080,9 @@ def flip_probability(
         fk = _flip_closed(st, s2)
         return FlipResult(
             method=method,
-            probability=float(st.priors @ fk),
-            stderr=np.nan,
-            class_probability=fk,
+            flip_rate=float(st.priors @ fk),
+            flip_rate_stderr=np.nan,
+            class_flip_rate=fk,
             step=steps,
         )
     n_draws = _check_draws(n_draws)
@@ -1043,18 +1090,18 @@ def flip_probability(
     *_, fl, fl_se, fk = _mc_eval(st, draws, steps, flip=True)
     return FlipResult(
         method=method,
-        probability=fl,
-        stderr=fl_se,
-        class_probability=fk,
+        flip_rate=fl,
+        flip_rate_stderr=fl_se,
+        class_flip_rate=fk,
         step=steps,
         n_draws=n_draws,
     )
 
 
-def flip_probability_of_weights(
+def flip_rate_of_weights(
     model: GaussianModel, W: Any, b: Any, W_hat: Any, b_hat: Any
 ) -> FlipResult:
-    r"""Exact flip probability between two given layers under H_G (level 2).
+    r"""Exact flip rate between two given layers under H_G (level 2).
 
     Parameters
     ----------
@@ -1086,11 +1133,24 @@ def flip_probability_of_weights(
     fk = _bvn_flip(st.margin, st.scale**2, p, w, q)
     return FlipResult(
         method="weights",
-        probability=float(st.priors @ fk),
-        stderr=np.nan,
-        class_probability=fk,
+        flip_rate=float(st.priors @ fk),
+        flip_rate_stderr=np.nan,
+        class_flip_rate=fk,
         step=np.full(2, np.nan),
     )
+
+
+def flip_probability(*args: Any, **kwargs: Any) -> FlipResult:
+    """Deprecated alias of :func:`flip_rate`."""
+    return deprecated_alias("flip_rate", "flip_probability", flip_rate)(*args, **kwargs)
+
+
+def flip_probability_of_weights(*args: Any, **kwargs: Any) -> FlipResult:
+    """Deprecated alias of :func:`flip_rate_of_weights`."""
+    fn = deprecated_alias(
+        "flip_rate_of_weights", "flip_probability_of_weights", flip_rate_of_weights
+    )
+    return fn(*args, **kwargs)
 
 
 def _curve_steps(W, bits, steps, quantizer_options, need_values) -> tuple[np.ndarray, list | None]:
@@ -1226,16 +1286,16 @@ def distortion_curve(
                 r = risk_of_weights(model, vals, b).risk
                 out["d"][i, j] = r - st.risk
                 if flip:
-                    out["fl"][i, j] = flip_probability_of_weights(model, W, b, vals, b).probability
+                    out["fl"][i, j] = flip_rate_of_weights(model, W, b, vals, b).flip_rate
     return DistortionCurve(
         bits=bits_arr,
         step=step_rows,
         methods=methods,
         risk=st.risk,
         distortion=out["d"],
-        stderr=out["se"],
+        distortion_stderr=out["se"],
         spread=out["sp"],
-        flip_probability=out["fl"],
-        flip_stderr=out["fse"],
+        flip_rate=out["fl"],
+        flip_rate_stderr=out["fse"],
         n_draws=int(n_draws) if draws is not None else 0,
     )

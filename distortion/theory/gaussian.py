@@ -12,10 +12,12 @@ The derivations that use this model are in ``theory/binary.md`` (two classes) an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["GaussianModel", "GaussianSample"]
 
@@ -447,6 +449,8 @@ class GaussianModel:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per class: prior, samples, shrinkage, condition number, traces, mean norm."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "class": np.arange(self.n_classes),

@@ -9,7 +9,8 @@ the four prediction levels of ``ARCHITECTURE.md`` live here:
 * level 2, :func:`multiclass_distortion_actual`: Gaussian features and the actual
   quantized weights (exact under H_G);
 * level 3, :func:`semiparametric_distortion`: the empirical features and H_U, per sample,
-  with a band for the flip count of a single realization of :math:`E`.
+  with a band for the flip count of a single realization of :math:`E` (defined in
+  :mod:`distortion.theory.semiparametric`, re-exported here).
 
 :func:`multiclass_accuracy` gives the accuracy of the float layer (or of the moment-matched
 quantized layer) under H_G. The derivation, with the equation numbers cited in the code as
@@ -20,6 +21,11 @@ object with the same ``priors``, ``means``, ``covariances`` (and ``covariance_ty
 attributes. A pooled covariance (``covariance_type == "pooled"`` or a stride-0 broadcast
 stack) is projected once, which is what makes ImageNet sizes (``K = 1000``,
 ``d = 2048``) feasible: all the work happens with :math:`K\times K` logit covariances.
+
+The error enters as a variance :math:`\sigma_j^2` per row (``variance=``, what a compressor's
+error model gives); ``step=`` is a convenience converted by
+:func:`distortion.theory.error_models.uniform_error_variance`. numpy and scipy only at import
+time (pandas is imported by ``to_frame``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,26 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
 from scipy import special, stats
+
+from distortion._validation import check_count as _check_count
+from distortion._validation import check_linear_layer as _check_layer
+from distortion._validation import resolve_variance
+from distortion.results import (
+    Band,
+    ConfidenceInterval,
+    Prediction,
+    check_confidence_level,
+    deprecated_alias,
+    normal_interval,
+)
+from distortion.theory.semiparametric import SemiParametricDistortion, semiparametric_distortion
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "Band",
@@ -55,24 +76,7 @@ MAX_ORTHANT_FLIP_CLASSES = 12
 _CHUNK_ELEMENTS = 1 << 21  # floats per work array (16 MiB)
 
 
-class Band(NamedTuple):
-    """A two-sided band ``[low, high]`` (a prediction interval for one realization)."""
-
-    low: float
-    high: float
-
-
 # ----------------------------------------------------------------------------- validation
-def _as_float_array(value: object, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a numeric array, got {type(value).__name__}") from None
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite; found NaN or inf")
-    return arr
-
-
 def _check_model(model: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """``(priors, means, covariances, pooled)`` of a GaussianModel-like object."""
     missing = [a for a in ("priors", "means", "covariances") if not hasattr(model, a)]
@@ -97,60 +101,6 @@ def _check_model(model: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, boo
         cov.shape[0] > 1 and cov.strides[0] == 0
     )
     return priors, means, cov, pooled
-
-
-def _check_layer(
-    W: object, b: object, n_classes: int, n_features: int | None, what: str = "W"
-) -> tuple[np.ndarray, np.ndarray]:
-    w = _as_float_array(W, what)
-    if w.ndim != 2:
-        raise ValueError(f"{what} must have shape (n_classes, n_features), got shape {w.shape}")
-    if w.shape[0] != n_classes:
-        raise ValueError(
-            f"{what} has {w.shape[0]} rows but the model has {n_classes} classes (K mismatch); "
-            "pass the last layer with one row per class"
-        )
-    if n_features is not None and w.shape[1] != n_features:
-        raise ValueError(
-            f"{what} has {w.shape[1]} columns but the features have dimension {n_features} "
-            "(d mismatch); pass the last layer acting on these features"
-        )
-    bname = "b" if what == "W" else "b_hat"
-    if b is None:
-        bias = np.zeros(n_classes)
-    else:
-        bias = _as_float_array(b, bname)
-        if bias.shape != (n_classes,):
-            raise ValueError(
-                f"{bname} must have shape ({n_classes},) to match {what}, got {bias.shape} "
-                "(K mismatch)"
-            )
-    return w, bias
-
-
-def _check_step(step: object, n_classes: int) -> np.ndarray:
-    """Per-row quantization steps, shape (K,): a scalar (per tensor) or one per row."""
-    if step is None:
-        raise ValueError("step must be given: the quantizer step (scalar) or one per row (K,)")
-    s = _as_float_array(step, "step")
-    if s.ndim == 2 and s.shape[1] == 1:
-        s = s[:, 0]
-    if s.shape == ():
-        s = np.full(n_classes, float(s))
-    if s.shape != (n_classes,):
-        raise ValueError(
-            f"step must be a scalar (per-tensor) or have shape ({n_classes},) (one per row of "
-            f"W), got shape {s.shape}"
-        )
-    if np.any(s <= 0):
-        raise ValueError(f"step must be positive, got minimum {s.min()!r}")
-    return s
-
-
-def _check_count(value: object, name: str, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_tolerances(abseps: float, releps: float) -> None:
@@ -222,53 +172,12 @@ def _orthant(
     return float(np.clip(p, 0.0, 1.0))
 
 
-# ----------------------------------------------------------------------------- quadrature
-def _hermite_rule(n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    r"""Gauss--Hermite rule for :math:`E f(t)`, :math:`t \sim N(0, 1)` (eq. M10)."""
-    t, w = special.roots_hermitenorm(n_nodes)
-    return t, w / w.sum()
-
-
-def _auto_nodes(sigma: np.ndarray) -> int:
-    """Enough nodes for the sharpest factor of the integrand (eq. M10)."""
-    ratio = float(sigma.max() / sigma.min())
-    return int(min(1024, 48 * math.ceil(ratio)))
-
-
-def _stay_probability(
-    z: np.ndarray, scale: np.ndarray, ref: np.ndarray, t: np.ndarray, w: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    r""":math:`P(\arg\max(z+\delta) = r)` and its complement, :math:`\delta_j \sim N(0, s_j^2)`.
-
-    ``z`` and ``scale`` have shape (n, K) (``scale > 0``), ``ref`` shape (n,). Conditioning
-    on :math:`\delta_r = s_r t` leaves independent factors (eq. M9):
-    :math:`P = E_t \prod_{j\ne r} \Phi((z_r - z_j + s_r t)/s_j)`, integrated by Gauss--Hermite
-    (eq. M10) in log space so that tiny complements keep their relative accuracy.
-    """
-    n, k = z.shape
-    stay = np.empty(n)
-    leave = np.empty(n)
-    rows = max(1, _CHUNK_ELEMENTS // (t.size * k))
-    for s0 in range(0, n, rows):
-        sl = slice(s0, min(n, s0 + rows))
-        zc, sc, rc = z[sl], scale[sl], ref[sl]
-        idx = np.arange(zc.shape[0])
-        zr = zc[idx, rc]
-        sr = sc[idx, rc]
-        num = (zr[:, None] - zc)[:, None, :] + (sr[:, None] * t[None, :])[:, :, None]
-        logp = special.log_ndtr(num / sc[:, None, :])  # (m, Q, K)
-        logp[idx, :, rc] = 0.0
-        total = logp.sum(axis=2)  # (m, Q)
-        stay[sl] = np.exp(total) @ w
-        leave[sl] = -np.expm1(total) @ w
-    return np.clip(stay, 0.0, 1.0), np.clip(leave, 0.0, 1.0)
-
-
 # ----------------------------------------------------------------------------- joint model
 class _LogitJoint:
     r"""Per-class joint Gaussian of the float logits :math:`z` and the error :math:`\delta`.
 
-    :math:`\hat z = z + \delta`. ``kind`` is 0 (no quantization), 1 (H_U, moment-matched:
+    :math:`\hat z = z + \delta`. ``kind`` is 0 (no quantization), 1 (error variances
+    ``variance`` per row, or ``step`` through the H_U rule, moment-matched:
     :math:`\delta \sim N(0, t_k D)` independent of :math:`z`, eq. M4) or 2 (actual error,
     eq. M11). Covariances are stored once when the feature covariance is pooled.
     """
@@ -280,6 +189,7 @@ class _LogitJoint:
         b: object,
         *,
         step: object = None,
+        variance: object = None,
         W_hat: object = None,
         b_hat: object = None,
     ) -> None:
@@ -297,8 +207,8 @@ class _LogitJoint:
         self.shift = None
         self.cross = None
         self.noise = None
-        if step is not None:
-            sigma2 = _check_step(step, n_classes) ** 2 / 12.0  # H_U
+        if step is not None or variance is not None:
+            sigma2 = resolve_variance(step, variance, n_classes)  # (eq. M2)
             trace = np.trace(cov, axis1=1, axis2=2) + np.sum(mu**2, axis=1)  # (eq. M3)
             self.noise_diag = trace[:, None] * sigma2[None, :]  # (K, K)
             self.kind = 1
@@ -544,18 +454,29 @@ def _check_common(n_draws: int, abseps: float, releps: float, maxpts: int | None
 
 
 # ----------------------------------------------------------------------------- results
-def _ci(estimate: float, stderr: float, level: float) -> Band:
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    if not np.isfinite(stderr):
-        return Band(float("nan"), float("nan"))
-    h = float(stats.norm.ppf(0.5 + level / 2)) * stderr
-    return Band(estimate - h, estimate + h)
+def _ci(
+    estimate: float, stderr: float, confidence_level: float, level: float | None
+) -> ConfidenceInterval:
+    """Normal interval ``estimate ± z stderr`` (NaN ends when there is no stderr)."""
+    if level is not None:
+        confidence_level = deprecated_alias("confidence_level=", "level=", level)
+    check_confidence_level(confidence_level)
+    return normal_interval(estimate, stderr, confidence_level)
 
 
 def _pooled_se(priors: np.ndarray, se: np.ndarray) -> float:
     """Standard error of the prior-weighted mean of independent strata (eq. M8)."""
     return float(np.sqrt(np.sum(priors**2 * se**2)))
+
+
+def _alias(new: str, old: str):
+    """A read-only property ``old`` that warns and returns the attribute ``new``."""
+
+    def get(self):
+        return deprecated_alias(new, old, getattr(self, new))
+
+    get.__doc__ = f"Deprecated alias of ``{new}``."
+    return property(get)
 
 
 @dataclass(frozen=True)
@@ -566,7 +487,7 @@ class MulticlassAccuracy:
     ----------
     accuracy : float
         :math:`\sum_k \pi_k P(\hat y = k \mid y = k)` (eq. M6).
-    stderr : float
+    accuracy_stderr : float
         Monte-Carlo standard error (NaN for the orthant method, whose error per class is
         ``tolerance``).
     method : str
@@ -575,31 +496,41 @@ class MulticlassAccuracy:
         Whether this is the moment-matched accuracy of the quantized layer (H_U).
     tolerance : float
         Absolute error tolerance of each orthant probability (NaN for Monte Carlo).
-    class_accuracy, class_stderr, priors, n_draws : arrays of shape (n_classes,)
+    class_accuracy, class_accuracy_stderr, priors, n_draws : arrays of shape (n_classes,)
     """
 
     accuracy: float
-    stderr: float
+    accuracy_stderr: float
     method: str
     quantized: bool
     tolerance: float
     class_accuracy: np.ndarray = field(repr=False)  # (K,)
-    class_stderr: np.ndarray = field(repr=False)  # (K,)
+    class_accuracy_stderr: np.ndarray = field(repr=False)  # (K,)
     priors: np.ndarray = field(repr=False)  # (K,)
     n_draws: np.ndarray = field(repr=False)  # (K,) Monte-Carlo draws per class
 
-    def confidence_interval(self, level: float = 0.95) -> Band:
-        """Normal confidence interval of the Monte-Carlo estimate (NaN for orthant)."""
-        return _ci(self.accuracy, self.stderr, level)
+    stderr = _alias("accuracy_stderr", "stderr")
+    class_stderr = _alias("class_accuracy_stderr", "class_stderr")
+
+    def confidence_interval(
+        self, confidence_level: float = 0.95, *, level: float | None = None
+    ) -> ConfidenceInterval:
+        """Normal confidence interval of the Monte-Carlo estimate (NaN for orthant).
+
+        ``level=`` is a deprecated alias of ``confidence_level=``.
+        """
+        return _ci(self.accuracy, self.accuracy_stderr, confidence_level, level)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per class: prior, accuracy, standard error, draws."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "class": np.arange(self.priors.size),
                 "prior": self.priors,
                 "accuracy": self.class_accuracy,
-                "stderr": self.class_stderr,
+                "accuracy_stderr": self.class_accuracy_stderr,
                 "n_draws": self.n_draws,
                 "method": self.method,
                 "quantized": self.quantized,
@@ -628,18 +559,25 @@ class MulticlassDistortion:
         ``accuracy_float - accuracy_quantized``: the distortion of [1]_.
     flip_rate : float
         :math:`P(\arg\max \hat z \ne \arg\max z)` (eq. M7).
-    stderr_accuracy_float, stderr_accuracy_quantized, stderr_accuracy_loss, \
-stderr_flip_rate : float
+    accuracy_float_stderr, accuracy_quantized_stderr, accuracy_loss_stderr, \
+flip_rate_stderr : float
         Monte-Carlo standard errors (NaN for orthant values).
     tolerance : float
         Absolute tolerance of each orthant probability (NaN when nothing used it).
-    class_* : arrays of shape (n_classes,)
+    class_accuracy_float, class_accuracy_quantized, class_flip_rate, \
+class_*_stderr : arrays of shape (n_classes,)
         The same quantities given the true class.
     priors, n_draws : arrays of shape (n_classes,)
 
+    Notes
+    -----
+    The names ``stderr_<quantity>``, ``class_stderr_<quantity>``, ``class_flip`` and
+    ``class_stderr_flip`` are deprecated aliases of ``<quantity>_stderr``,
+    ``class_<quantity>_stderr``, ``class_flip_rate`` and ``class_flip_rate_stderr``.
+
     References
     ----------
-    .. [1] M. Resmerita et al., "Distortion approximation of a compressed softmax layer",
+    .. [1] D. Resmerita et al., "Distortion approximation of a compressed softmax layer",
        IEEE SSP 2021.
     """
 
@@ -650,20 +588,34 @@ stderr_flip_rate : float
     accuracy_quantized: float
     accuracy_loss: float
     flip_rate: float
-    stderr_accuracy_float: float
-    stderr_accuracy_quantized: float
-    stderr_accuracy_loss: float
-    stderr_flip_rate: float
+    accuracy_float_stderr: float
+    accuracy_quantized_stderr: float
+    accuracy_loss_stderr: float
+    flip_rate_stderr: float
     tolerance: float
     class_accuracy_float: np.ndarray = field(repr=False)  # (K,)
     class_accuracy_quantized: np.ndarray = field(repr=False)  # (K,)
-    class_flip: np.ndarray = field(repr=False)  # (K,)
-    class_stderr_accuracy_float: np.ndarray = field(repr=False)  # (K,)
-    class_stderr_accuracy_quantized: np.ndarray = field(repr=False)  # (K,)
-    class_stderr_accuracy_loss: np.ndarray = field(repr=False)  # (K,)
-    class_stderr_flip: np.ndarray = field(repr=False)  # (K,)
+    class_flip_rate: np.ndarray = field(repr=False)  # (K,)
+    class_accuracy_float_stderr: np.ndarray = field(repr=False)  # (K,)
+    class_accuracy_quantized_stderr: np.ndarray = field(repr=False)  # (K,)
+    class_accuracy_loss_stderr: np.ndarray = field(repr=False)  # (K,)
+    class_flip_rate_stderr: np.ndarray = field(repr=False)  # (K,)
     priors: np.ndarray = field(repr=False)  # (K,)
     n_draws: np.ndarray = field(repr=False)  # (K,) Monte-Carlo draws per class
+
+    stderr_accuracy_float = _alias("accuracy_float_stderr", "stderr_accuracy_float")
+    stderr_accuracy_quantized = _alias("accuracy_quantized_stderr", "stderr_accuracy_quantized")
+    stderr_accuracy_loss = _alias("accuracy_loss_stderr", "stderr_accuracy_loss")
+    stderr_flip_rate = _alias("flip_rate_stderr", "stderr_flip_rate")
+    class_flip = _alias("class_flip_rate", "class_flip")
+    class_stderr_accuracy_float = _alias(
+        "class_accuracy_float_stderr", "class_stderr_accuracy_float"
+    )
+    class_stderr_accuracy_quantized = _alias(
+        "class_accuracy_quantized_stderr", "class_stderr_accuracy_quantized"
+    )
+    class_stderr_accuracy_loss = _alias("class_accuracy_loss_stderr", "class_stderr_accuracy_loss")
+    class_stderr_flip = _alias("class_flip_rate_stderr", "class_stderr_flip")
 
     def class_accuracy_loss(self) -> np.ndarray:
         """Per-class accuracy loss, array of shape (n_classes,)."""
@@ -674,15 +626,45 @@ stderr_flip_rate : float
         quantity: Literal[
             "accuracy_float", "accuracy_quantized", "accuracy_loss", "flip_rate"
         ] = "accuracy_loss",
-        level: float = 0.95,
-    ) -> Band:
-        """Normal Monte-Carlo confidence interval of a headline quantity (NaN if orthant)."""
+        confidence_level: float = 0.95,
+        *,
+        level: float | None = None,
+    ) -> ConfidenceInterval:
+        """Normal Monte-Carlo confidence interval of a headline quantity (NaN if orthant).
+
+        ``level=`` is a deprecated alias of ``confidence_level=``.
+        """
         if quantity not in _HEADLINE:
             raise ValueError(f"quantity must be one of {_HEADLINE}, got {quantity!r}")
-        return _ci(getattr(self, quantity), getattr(self, "stderr_" + quantity), level)
+        return _ci(
+            getattr(self, quantity), getattr(self, quantity + "_stderr"), confidence_level, level
+        )
+
+    def to_prediction(self) -> Prediction:
+        """The result as a :class:`~distortion.results.Prediction` (level ``"1"`` or ``"2"``).
+
+        Levels 1 and 2 give expectations only: the one-realization bands are NaN.
+        ``n_samples`` is the number of Monte-Carlo draws (0 when all orthant).
+        """
+        method = (
+            self.method if self.method == self.flip_method else f"{self.method}+{self.flip_method}"
+        )
+        return Prediction(
+            level=str(self.level),
+            flip_rate=self.flip_rate,
+            flip_rate_stderr=self.flip_rate_stderr,
+            accuracy_loss=self.accuracy_loss,
+            accuracy_loss_stderr=self.accuracy_loss_stderr,
+            accuracy_float=self.accuracy_float,
+            accuracy_compressed=self.accuracy_quantized,
+            n_samples=int(np.sum(self.n_draws)),
+            method=method,
+        )
 
     def to_frame(self, *, per_class: bool = False) -> pd.DataFrame:
         """The headline numbers as one row, or one row per class with ``per_class=True``."""
+        import pandas as pd
+
         if per_class:
             return pd.DataFrame(
                 {
@@ -691,11 +673,11 @@ stderr_flip_rate : float
                     "accuracy_float": self.class_accuracy_float,
                     "accuracy_quantized": self.class_accuracy_quantized,
                     "accuracy_loss": self.class_accuracy_loss(),
-                    "flip": self.class_flip,
-                    "stderr_accuracy_float": self.class_stderr_accuracy_float,
-                    "stderr_accuracy_quantized": self.class_stderr_accuracy_quantized,
-                    "stderr_accuracy_loss": self.class_stderr_accuracy_loss,
-                    "stderr_flip": self.class_stderr_flip,
+                    "flip_rate": self.class_flip_rate,
+                    "accuracy_float_stderr": self.class_accuracy_float_stderr,
+                    "accuracy_quantized_stderr": self.class_accuracy_quantized_stderr,
+                    "accuracy_loss_stderr": self.class_accuracy_loss_stderr,
+                    "flip_rate_stderr": self.class_flip_rate_stderr,
                     "n_draws": self.n_draws,
                 }
             )
@@ -704,7 +686,7 @@ stderr_flip_rate : float
             "method",
             "flip_method",
             *_HEADLINE,
-            *("stderr_" + h for h in _HEADLINE),
+            *(h + "_stderr" for h in _HEADLINE),
             "tolerance",
         )
         return pd.DataFrame([{k: getattr(self, k) for k in keys}])
@@ -728,15 +710,15 @@ def _distortion_result(
         method=method,
         flip_method=flip_method,
         **{h: float(priors @ values[h]) for h in _HEADLINE},  # (eq. M6)
-        **{"stderr_" + h: _pooled_se(priors, errors[h]) for h in _HEADLINE},
+        **{h + "_stderr": _pooled_se(priors, errors[h]) for h in _HEADLINE},
         tolerance=float(abseps) if used_orthant else float("nan"),
         class_accuracy_float=est.acc_float,
         class_accuracy_quantized=est.acc_quant,
-        class_flip=est.flip,
-        class_stderr_accuracy_float=est.se_float,
-        class_stderr_accuracy_quantized=est.se_quant,
-        class_stderr_accuracy_loss=est.se_loss,
-        class_stderr_flip=est.se_flip,
+        class_flip_rate=est.flip,
+        class_accuracy_float_stderr=est.se_float,
+        class_accuracy_quantized_stderr=est.se_quant,
+        class_accuracy_loss_stderr=est.se_loss,
+        class_flip_rate_stderr=est.se_flip,
         priors=priors,
         n_draws=est.n_draws,
     )
@@ -748,6 +730,7 @@ def multiclass_accuracy(
     W: np.ndarray,
     b: np.ndarray | None,
     *,
+    variance: float | np.ndarray | None = None,
     step: float | np.ndarray | None = None,
     method: Method = "auto",
     n_draws: int = 200_000,
@@ -766,10 +749,14 @@ def multiclass_accuracy(
     W : array of shape (n_classes, n_features)
     b : array of shape (n_classes,) or None
         None means no bias.
-    step : float or array of shape (n_classes,), optional
-        Quantization step of ``W`` (per tensor, or one per row). When given, the accuracy
+    variance : float or array of shape (n_classes,), optional
+        Error variance :math:`\sigma_j^2` of the entries of ``W`` (per tensor, or one per
+        row), as a compressor's error model gives it. When given (or ``step``), the accuracy
         of the quantized layer with moment-matched Gaussian logits (eq. M4); otherwise the
-        float accuracy.
+        float accuracy. At most one of ``variance`` and ``step``.
+    step : float or array of shape (n_classes,), optional
+        Quantization step of ``W`` (0 for a constant row), converted to
+        :math:`\Delta_j^2/12` by :func:`distortion.theory.error_models.uniform_error_variance`.
     method : {"auto", "orthant", "montecarlo"}
         Orthant probabilities of the K-1 margins by :func:`scipy.stats.multivariate_normal`
         (K <= 20; "auto" picks it there) or stratified Monte Carlo in logit space.
@@ -801,7 +788,7 @@ def multiclass_accuracy(
 
     References
     ----------
-    .. [1] M. Resmerita et al., "Distortion approximation of a compressed softmax layer",
+    .. [1] D. Resmerita et al., "Distortion approximation of a compressed softmax layer",
        IEEE SSP 2021.
     .. [2] A. Genz and F. Bretz, "Computation of Multivariate Normal and t Probabilities",
        Springer, 2009.
@@ -809,7 +796,7 @@ def multiclass_accuracy(
     priors, _, _, _ = _check_model(model)
     m = _resolve_method(method, priors.size)
     _check_common(n_draws, abseps, releps, maxpts)
-    joint = _LogitJoint(model, W, b, step=step)
+    joint = _LogitJoint(model, W, b, step=step, variance=variance)
     est = _estimate(
         joint,
         method=m,
@@ -820,16 +807,16 @@ def multiclass_accuracy(
         releps=releps,
         maxpts=maxpts,
     )
-    quantized = step is not None
+    quantized = step is not None or variance is not None
     acc, se = (est.acc_quant, est.se_quant) if quantized else (est.acc_float, est.se_float)
     return MulticlassAccuracy(
         accuracy=float(priors @ acc),
-        stderr=_pooled_se(priors, se),
+        accuracy_stderr=_pooled_se(priors, se),
         method=m,
         quantized=quantized,
         tolerance=float(abseps) if m == "orthant" else float("nan"),
         class_accuracy=acc,
-        class_stderr=se,
+        class_accuracy_stderr=se,
         priors=priors,
         n_draws=est.n_draws,
     )
@@ -840,7 +827,8 @@ def multiclass_distortion(
     W: np.ndarray,
     b: np.ndarray | None,
     *,
-    step: float | np.ndarray,
+    variance: float | np.ndarray | None = None,
+    step: float | np.ndarray | None = None,
     method: Method = "auto",
     flip_method: FlipMethod = "montecarlo",
     n_draws: int = 200_000,
@@ -857,8 +845,14 @@ def multiclass_distortion(
         Class-conditional Gaussian features, K classes, dimension d.
     W : array of shape (n_classes, n_features)
     b : array of shape (n_classes,) or None
-    step : float or array of shape (n_classes,)
-        Quantization step of ``W``: one per tensor, or one per row (per-channel).
+    variance : float or array of shape (n_classes,), optional
+        Error variance :math:`\sigma_j^2` of the entries of ``W``: one per tensor, or one
+        per row (per-channel), as a compressor's error model gives it
+        (``ErrorModel.second_moment``). Exactly one of ``variance`` and ``step``.
+    step : float or array of shape (n_classes,), optional
+        Quantization step of ``W`` (0 for a constant row, which the quantizer returns
+        unchanged), converted to :math:`\Delta_j^2/12` by
+        :func:`distortion.theory.error_models.uniform_error_variance` (H_U).
     method : {"auto", "orthant", "montecarlo"}
         How the float and quantized accuracies are computed: (K-1)-dimensional orthant
         probabilities (K <= 20; "auto" picks it there) or stratified Monte Carlo of
@@ -881,7 +875,7 @@ def multiclass_distortion(
     Notes
     -----
     Under H_U the error rows are independent with :math:`\operatorname{Cov}(E_j) =
-    \sigma_j^2 I`, :math:`\sigma_j^2 = \Delta_j^2/12`, so :math:`\hat z = z + Ex` has
+    \sigma_j^2 I` (:math:`\sigma_j^2 = \Delta_j^2/12` for a step), so :math:`\hat z = z + Ex` has
     (eq. M2, M3)
 
     .. math:: \operatorname{Cov}(\hat z \mid k) = W\Sigma_kW^\top +
@@ -898,14 +892,19 @@ def multiclass_distortion(
 
     References
     ----------
-    .. [1] M. Resmerita et al., "Distortion approximation of a compressed softmax layer",
+    .. [1] D. Resmerita et al., "Distortion approximation of a compressed softmax layer",
        IEEE SSP 2021.
     """
     priors, _, _, _ = _check_model(model)
     m = _resolve_method(method, priors.size)
     fm = _resolve_flip_method(flip_method, priors.size)
     _check_common(n_draws, abseps, releps, maxpts)
-    joint = _LogitJoint(model, W, b, step=step)
+    if step is None and variance is None:
+        raise ValueError(
+            "pass exactly one of variance= (the error variance sigma^2, per tensor or one per "
+            "row) and step= (the quantizer step, converted by the uniform-error rule)"
+        )
+    joint = _LogitJoint(model, W, b, step=step, variance=variance)
     est = _estimate(
         joint,
         method=m,
@@ -985,297 +984,3 @@ def multiclass_distortion_actual(
         maxpts=maxpts,
     )
     return _distortion_result(2, m, fm, est, priors, abseps)
-
-
-# ----------------------------------------------------------------------------- level 3
-def _prediction_band(counts: np.ndarray, n: int, coverage: float) -> Band:
-    """Order-statistic prediction interval for one more realization (eq. M16)."""
-    if not 0 < coverage < 1:
-        raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
-    r = counts.size
-    if r == 0:
-        return Band(float("nan"), float("nan"))
-    lo = math.floor((r + 1) * (1 - coverage) / 2)
-    if lo < 1:
-        raise ValueError(
-            f"coverage={coverage} needs n_realizations >= {math.ceil(2 / (1 - coverage)) - 1}, "
-            f"got {r}"
-        )
-    srt = np.sort(counts)
-    return Band(float(srt[lo - 1]) / n, float(srt[r - lo]) / n)
-
-
-@dataclass(frozen=True)
-class SemiParametricDistortion:
-    r"""Level 3: per-sample flip and correctness probabilities (empirical features, H_U).
-
-    Attributes
-    ----------
-    n_samples : int
-    flip_rate : float
-        Mean per-sample flip probability (moment-matched, eq. M13): the expected flip rate.
-    accuracy_float : float
-        Accuracy of the float layer on the samples (NaN without labels).
-    accuracy_quantized : float
-        Mean per-sample probability of a correct quantized decision (NaN without labels).
-    accuracy_loss : float
-        ``accuracy_float - accuracy_quantized`` (NaN without labels).
-    coverage : float
-        Nominal coverage of the bands.
-    n_nodes : int
-        Gauss--Hermite nodes of the quadrature (eq. M10).
-    flip_probabilities : array of shape (n_samples,)
-    correct_probabilities : array of shape (n_samples,) or None
-    predictions : array of shape (n_samples,)
-        Float decisions :math:`\hat y_i`.
-    labels : array of shape (n_samples,) or None
-    flip_counts : array of shape (n_realizations,)
-        Flip counts of simulated realizations of :math:`E` (uniform, H_U) on the same samples.
-    correct_counts : array of shape (n_realizations,) or None
-        Correct quantized decisions in the same realizations.
-    """
-
-    n_samples: int
-    flip_rate: float
-    accuracy_float: float
-    accuracy_quantized: float
-    accuracy_loss: float
-    coverage: float
-    n_nodes: int
-    flip_probabilities: np.ndarray = field(repr=False)  # (N,)
-    correct_probabilities: np.ndarray | None = field(repr=False)  # (N,) or None
-    predictions: np.ndarray = field(repr=False)  # (N,) int64
-    labels: np.ndarray | None = field(repr=False)  # (N,) int64 or None
-    flip_counts: np.ndarray = field(repr=False)  # (R,) int64
-    correct_counts: np.ndarray | None = field(repr=False)  # (R,) int64 or None
-
-    @property
-    def n_realizations(self) -> int:
-        """Number of simulated realizations of E behind the bands."""
-        return int(self.flip_counts.size)
-
-    def expected_flips(self) -> float:
-        r""":math:`\sum_i p_i`, the expected flip count of one realization (eq. M15)."""
-        return float(self.flip_probabilities.sum())
-
-    def flip_band(self, coverage: float | None = None) -> Band:
-        """Prediction interval of the flip rate of one realization of E (eq. M16)."""
-        return _prediction_band(self.flip_counts, self.n_samples, coverage or self.coverage)
-
-    def accuracy_band(self, coverage: float | None = None) -> Band:
-        """Prediction interval of the quantized accuracy of one realization (eq. M16)."""
-        if self.correct_counts is None:
-            raise ValueError("accuracy_band needs labels; pass labels= to the function")
-        return _prediction_band(self.correct_counts, self.n_samples, coverage or self.coverage)
-
-    def accuracy_loss_band(self, coverage: float | None = None) -> Band:
-        """Prediction interval of the accuracy loss of one realization (eq. M16)."""
-        lo, hi = self.accuracy_band(coverage)
-        return Band(self.accuracy_float - hi, self.accuracy_float - lo)
-
-    def flip_rate_sd(self) -> float:
-        """Standard deviation of the flip rate across realizations of E (eq. M15)."""
-        if self.flip_counts.size < 2:
-            return float("nan")
-        return float(np.std(self.flip_counts, ddof=1)) / self.n_samples
-
-    def flip_rate_binomial_sd(self) -> float:
-        r""":math:`\sqrt{\sum_i p_i(1-p_i)}/N`: the sd if the flips were independent."""
-        p = self.flip_probabilities
-        return float(np.sqrt(np.sum(p * (1 - p)))) / self.n_samples
-
-    def simulated_flip_rate(self) -> float:
-        """Mean flip rate of the simulated realizations (exact under H_U, no CLT)."""
-        return float(np.mean(self.flip_counts)) / self.n_samples
-
-    def to_frame(self, *, per_sample: bool = False) -> pd.DataFrame:
-        """Headline numbers and bands as one row, or the per-sample probabilities."""
-        if per_sample:
-            cols = {
-                "prediction": self.predictions,
-                "flip_probability": self.flip_probabilities,
-            }
-            if self.labels is not None:
-                cols["label"] = self.labels
-                cols["correct_probability"] = self.correct_probabilities
-            return pd.DataFrame(cols)
-        fb = self.flip_band()
-        row = {
-            "n_samples": self.n_samples,
-            "flip_rate": self.flip_rate,
-            "flip_rate_low": fb.low,
-            "flip_rate_high": fb.high,
-            "flip_rate_sd": self.flip_rate_sd(),
-            "flip_rate_binomial_sd": self.flip_rate_binomial_sd(),
-            "accuracy_float": self.accuracy_float,
-            "accuracy_quantized": self.accuracy_quantized,
-            "accuracy_loss": self.accuracy_loss,
-            "coverage": self.coverage,
-            "n_realizations": self.n_realizations,
-        }
-        if self.correct_counts is not None and self.n_realizations:
-            lb = self.accuracy_loss_band()
-            row["accuracy_loss_low"], row["accuracy_loss_high"] = lb.low, lb.high
-        return pd.DataFrame([row])
-
-
-def _simulate_realizations(
-    x: np.ndarray,
-    z: np.ndarray,
-    pred: np.ndarray,
-    labels: np.ndarray | None,
-    steps: np.ndarray,
-    n_realizations: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Flip (and correct) counts of uniform error realizations on the same samples."""
-    n, d = x.shape
-    kk = z.shape[1]
-    flips = np.zeros(n_realizations, dtype=np.int64)
-    correct = None if labels is None else np.zeros(n_realizations, dtype=np.int64)
-    batch = max(1, min(n_realizations, _CHUNK_ELEMENTS // max(1, kk * min(n, 4096))))
-    rows = max(1, _CHUNK_ELEMENTS // (batch * kk))
-    for r0 in range(0, n_realizations, batch):
-        nb = min(batch, n_realizations - r0)
-        e = rng.uniform(-0.5, 0.5, size=(nb, kk, d)) * steps[None, :, None]  # H_U
-        ef = e.reshape(nb * kk, d).T  # (d, nb*K)
-        for s0 in range(0, n, rows):
-            sl = slice(s0, min(n, s0 + rows))
-            zq = z[sl][:, None, :] + (x[sl] @ ef).reshape(-1, nb, kk)
-            predq = np.argmax(zq, axis=2)  # (m, nb)
-            flips[r0 : r0 + nb] += np.sum(predq != pred[sl][:, None], axis=0)
-            if correct is not None:
-                correct[r0 : r0 + nb] += np.sum(predq == labels[sl][:, None], axis=0)
-    return flips, correct
-
-
-def semiparametric_distortion(
-    features: np.ndarray,
-    W: np.ndarray,
-    b: np.ndarray | None,
-    *,
-    step: float | np.ndarray,
-    labels: np.ndarray | None = None,
-    n_nodes: int | None = None,
-    n_realizations: int = 400,
-    coverage: float = 0.95,
-    seed: int | np.random.Generator | None = None,
-) -> SemiParametricDistortion:
-    r"""Level 3: per-sample flip probabilities from the empirical features under H_U.
-
-    Parameters
-    ----------
-    features : array of shape (n_samples, n_features)
-        Penultimate features :math:`x_i` (no Gaussian hypothesis).
-    W : array of shape (n_classes, n_features)
-    b : array of shape (n_classes,) or None
-    step : float or array of shape (n_classes,)
-        Quantization step of ``W`` (per tensor or per row).
-    labels : array of shape (n_samples,), optional
-        True classes, needed only for the accuracy and its loss.
-    n_nodes : int, optional
-        Gauss--Hermite nodes (default 48 times the ceiling of the largest step ratio,
-        at most 1024).
-    n_realizations : int, default 400
-        Simulated realizations of :math:`E` (uniform, H_U) on the same samples, for the
-        band of one realization; 0 skips the simulation (bands are then NaN). Each costs
-        about ``n_samples * n_features * n_classes`` flops (0.003 s for CIFAR-10 with
-        d = 64; ~1e11 flops for the ImageNet validation set, where tens or 0 are advisable).
-    coverage : float, default 0.95
-        Nominal coverage of the prediction bands; needs
-        ``n_realizations >= 2 / (1 - coverage) - 1``.
-    seed : int, Generator or None
-        Seeds the simulated realizations.
-
-    Returns
-    -------
-    SemiParametricDistortion
-
-    Notes
-    -----
-    Given :math:`x_i`, :math:`\hat z_i = z_i + Ex_i` has mean :math:`z_i` and covariance
-    :math:`\|x_i\|^2\operatorname{diag}(\sigma_j^2)` under H_U, and is Gaussian to the
-    order of the central limit theorem (eq. M12). With :math:`r = \hat y_i` the margins
-    :math:`\hat z_r - \hat z_j` share :math:`\delta_r`; conditioning on it (eq. M9, M13)
-
-    .. math:: P(\text{flip}_i) = 1 - E_{t\sim N(0,1)} \prod_{j \ne r}
-              \Phi\!\left(\frac{z_{ir} - z_{ij} + \sigma_r\|x_i\|\,t}{\sigma_j\|x_i\|}\right),
-
-    integrated by Gauss--Hermite quadrature. The flip count of a single realization of
-    :math:`E` is a sum of *dependent* Bernoulli variables (they share :math:`E`, eq. M15);
-    its band is the order-statistic prediction interval of ``n_realizations`` simulated
-    uniform realizations on the same samples (eq. M16), which covers a new realization
-    with probability at least ``coverage`` under H_U.
-
-    References
-    ----------
-    .. [1] M. Resmerita et al., "Distortion approximation of a compressed softmax layer",
-       IEEE SSP 2021.
-    .. [2] S. S. Wilks, "Determination of sample sizes for setting tolerance limits",
-       Ann. Math. Statist. 12(1), 1941 (order-statistic prediction intervals).
-    """
-    x = _as_float_array(features, "features")
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"features must have shape (n_samples, n_features) with n_samples >= 1, "
-            f"got shape {x.shape}"
-        )
-    w = _as_float_array(W, "W")
-    if w.ndim != 2:
-        raise ValueError(f"W must have shape (n_classes, n_features), got shape {w.shape}")
-    n, d = x.shape
-    kk = w.shape[0]
-    if kk < 2:
-        raise ValueError(f"W must have at least 2 rows (classes), got {kk}")
-    w, bias = _check_layer(w, b, kk, d)
-    steps = _check_step(step, kk)
-    y = None
-    if labels is not None:
-        y = np.asarray(labels)
-        if y.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},) to match features, got {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= kk:
-            raise ValueError(f"labels must be integers in 0..{kk - 1} (K mismatch otherwise)")
-        y = y.astype(np.int64)
-    n_realizations = _check_count(n_realizations, "n_realizations", 0)
-    if not 0 < coverage < 1:
-        raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
-    if 0 < n_realizations < math.ceil(2 / (1 - coverage)) - 1:
-        raise ValueError(
-            f"coverage={coverage} needs n_realizations >= {math.ceil(2 / (1 - coverage)) - 1} "
-            f"(or 0 for no band), got {n_realizations}"
-        )
-    sigma = steps / math.sqrt(12.0)  # H_U
-    nodes = _check_count(n_nodes, "n_nodes", 2) if n_nodes is not None else _auto_nodes(sigma)
-    t, wq = _hermite_rule(nodes)
-
-    z = x @ w.T + bias  # (N, K)
-    pred = np.argmax(z, axis=1)
-    norm = np.linalg.norm(x, axis=1)
-    pos = norm > 0
-    flip_p = np.zeros(n)  # zero features: the logits do not move
-    correct_p = None if y is None else (pred == y).astype(np.float64)
-    if np.any(pos):
-        scale = norm[pos, None] * sigma[None, :]  # (eq. M12)
-        _, flip_p[pos] = _stay_probability(z[pos], scale, pred[pos], t, wq)  # (eq. M13)
-        if y is not None:
-            correct_p[pos], _ = _stay_probability(z[pos], scale, y[pos], t, wq)
-    rng = np.random.default_rng(seed)
-    flips, correct = _simulate_realizations(x, z, pred, y, steps, n_realizations, rng)
-    acc_f = float(np.mean(pred == y)) if y is not None else float("nan")
-    acc_q = float(np.mean(correct_p)) if y is not None else float("nan")
-    return SemiParametricDistortion(
-        n_samples=n,
-        flip_rate=float(np.mean(flip_p)),
-        accuracy_float=acc_f,
-        accuracy_quantized=acc_q,
-        accuracy_loss=acc_f - acc_q,
-        coverage=float(coverage),
-        n_nodes=nodes,
-        flip_probabilities=flip_p,
-        correct_probabilities=correct_p,
-        predictions=pred.astype(np.int64),
-        labels=y,
-        flip_counts=flips,
-        correct_counts=correct,
-    )

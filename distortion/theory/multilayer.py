@@ -41,13 +41,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 from scipy import special
 
-from distortion.theory.multiclass import Band
+from distortion.results import Band, Prediction, check_confidence_level
+from distortion.theory._bands import order_statistic_band
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "GradientGrams",
@@ -270,6 +273,8 @@ class GradientGrams:
     def to_frame(self) -> pd.DataFrame:
         r"""One row per layer: kind, shape, weights, channels and the mean :math:`G_{\ell j}`
         to the runner-up class (the margin's squared gradient norm)."""
+        import pandas as pd
+
         z = self.logits
         pred = self.predictions()
         zz = z.copy()
@@ -757,16 +762,43 @@ class MultilayerDistortion:
         """Simulated realizations behind the bands (0 when none)."""
         return 0 if self.flip_counts is None else int(self.flip_counts.size)
 
+    def _coverage(self, coverage: float | None) -> float:
+        return self.coverage if coverage is None else check_confidence_level(coverage, "coverage")
+
     def flip_band(self, coverage: float | None = None) -> Band:
-        """Prediction interval of the flip rate of one realization of the error (eq. L12)."""
-        return _order_band(self.flip_counts, self.n_samples, coverage or self.coverage)
+        """Prediction interval of the flip rate of one realization of the error (eq. L12, L15)."""
+        return _order_band(self.flip_counts, self.n_samples, self._coverage(coverage))
 
     def accuracy_loss_band(self, coverage: float | None = None) -> Band:
-        """Prediction interval of the accuracy loss of one realization (eq. L12)."""
+        """Prediction interval of the accuracy loss of one realization (eq. L12, L15).
+
+        NaN ends without labels.
+        """
+        cov = self._coverage(coverage)
         if self.correct_counts is None:
             return Band(float("nan"), float("nan"))
-        lo, hi = _order_band(self.correct_counts, self.n_samples, coverage or self.coverage)
+        lo, hi = _order_band(self.correct_counts, self.n_samples, cov)
         return Band(self.accuracy_float - hi, self.accuracy_float - lo)
+
+    def to_prediction(self) -> Prediction:
+        """The result as a level-``"3L"`` :class:`~distortion.results.Prediction`.
+
+        The bands are those of the simulated realizations (eq. L12); the accuracy loss has
+        no integration standard error here (NaN).
+        """
+        return Prediction(
+            level=self.level,
+            flip_rate=self.flip_rate,
+            flip_rate_stderr=self.flip_rate_stderr,
+            flip_rate_band=self.flip_band(),
+            accuracy_loss=self.accuracy_loss,
+            accuracy_loss_band=self.accuracy_loss_band(),
+            accuracy_float=self.accuracy_float,
+            accuracy_compressed=self.accuracy_quantized,
+            n_samples=self.n_samples,
+            coverage=self.coverage,
+            method=self.method,
+        )
 
     def simulated_flip_rate(self) -> float:
         """Mean flip rate of the simulated realizations (linear model, exact H_U, no CLT)."""
@@ -776,6 +808,8 @@ class MultilayerDistortion:
 
     def to_frame(self, *, per_sample: bool = False) -> pd.DataFrame:
         """The headline numbers as one row, or one row per sample."""
+        import pandas as pd
+
         if per_sample:
             cols: dict[str, Any] = {
                 "prediction": self.predictions,
@@ -810,17 +844,11 @@ class MultilayerDistortion:
 
 
 def _order_band(counts: np.ndarray | None, n: int, coverage: float) -> Band:
-    """Order-statistic prediction interval for one more realization (eq. L12)."""
-    if not 0 < coverage < 1:
-        raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
-    if counts is None or counts.size == 0:
-        return Band(float("nan"), float("nan"))
-    r = counts.size
-    lo = math.floor((r + 1) * (1 - coverage) / 2)
-    if lo < 1:
-        return Band(float("nan"), float("nan"))
-    srt = np.sort(counts)
-    return Band(float(srt[lo - 1]) / n, float(srt[r - lo]) / n)
+    """Order-statistic prediction interval for one more realization (eq. L12, L15).
+
+    The one rule shared with level 3: :func:`distortion.theory._bands.order_statistic_band`.
+    """
+    return order_statistic_band(counts, n, coverage)
 
 
 def _simulate(grams: GradientGrams, v: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -886,8 +914,7 @@ def multilayer_distortion(
     :math:`1 - P(\text{flip}_i)`; otherwise it is the orthant probability of the margins
     :math:`z_{y_i} - z_j`, some of them negative.
     """
-    if not 0 < coverage < 1:
-        raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
+    coverage = check_confidence_level(coverage, "coverage")
     v = _check_variances(grams, variances)
     cov = _noise_covariance(grams, v)
     pred = grams.predictions()
@@ -958,6 +985,8 @@ class LayerContributions:
 
     def to_frame(self) -> pd.DataFrame:
         """Long format: one row per (layer, bits)."""
+        import pandas as pd
+
         L, B = self.flip_rate.shape
         return pd.DataFrame(
             {
