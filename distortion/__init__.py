@@ -20,6 +20,9 @@ _LAZY: dict[str, tuple[str, str]] = {
         for n in ("AccuracyLossEstimator", "AccuracyLossPrediction", "BitAllocation")
     },
     "FeatureSet": ("distortion.experiments.features", "FeatureSet"),
+    **{n: ("distortion.compression", n) for n in ("Compressed", "Compressor")},
+    **{n: ("distortion.results", n) for n in ("Band", "ConfidenceInterval", "Prediction")},
+    "ErrorModel": ("distortion.theory.error_models", "ErrorModel"),
     **{
         n: ("distortion.quantize", n)
         for n in (
@@ -51,6 +54,8 @@ _LAZY: dict[str, tuple[str, str]] = {
             "bayes_risk",
             "distortion_curve",
             "flip_probability",
+            "flip_rate",
+            "flip_rate_of_weights",
             "risk_of_weights",
         )  # fmt: skip
     },

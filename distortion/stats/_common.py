@@ -6,21 +6,21 @@ from typing import Any
 
 import numpy as np
 
+from distortion._validation import as_float_array
+
 __all__: list[str] = []  # private helpers only; imported by name
 
 
 def _as_float_array(x: Any, name: str) -> np.ndarray:
-    """float64 copy of an array or tensor (torch tensors are converted without importing torch)."""
-    if hasattr(x, "detach") and type(x).__module__.startswith("torch"):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"{name} must hold real numbers, got an array of dtype {arr.dtype}")
-    arr = np.array(arr, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf); remove them first")
-    return arr
+    """float64 copy of an array or tensor, finite (the one check of ``distortion._validation``;
+    torch tensors are converted without importing torch)."""
+    try:
+        arr = as_float_array(x, name)
+    except ValueError as exc:
+        if "finite" in str(exc):
+            raise ValueError(f"{exc} (non-finite values); remove them first") from None
+        raise
+    return np.array(arr, dtype=np.float64)  # a copy: callers may modify it
 
 
 def _as_2d(x: Any, name: str) -> np.ndarray:
