@@ -61,7 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         status = args._run(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        KeyError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    ) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"distortion {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -50,33 +50,39 @@ def test_small_run_outputs_schema_and_sanity(small_run):
     assert len(t) == 12 + 6
     assert set(t["layers"]) == {"last", "all"}
     assert set(t["problem"]) == {"10-class", "cat-vs-dog"}
-    rates = [c for c in t.columns if c.endswith("_flip") or c.endswith(("_flip_lo", "_flip_hi"))]
+    ends = ("_flip_rate", "_flip_rate_low", "_flip_rate_high")
+    rates = [c for c in t.columns if c.endswith(ends)]
     for c in rates:
         v = t[c].dropna()
         assert ((v >= 0) & (v <= 1)).all(), c
-    assert (t["L3_flip_lo"] <= t["L3_flip_hi"]).all()  # bands ordered
-    # the band is of a count of flips: the mean rate lies within it, up to one image
-    assert (t["L3_flip_lo"] <= t["L3_flip"] + 1e-12).all()
-    assert (t["L3_flip"] <= t["L3_flip_hi"] + 1.0 / t["n_eval"]).all()
-    assert (t["measured_flip_lo"] <= t["measured_flip"]).all()
-    assert (t["measured_flip"] <= t["measured_flip_hi"]).all()
-    assert (t["measured_loss_lo"] <= t["measured_loss"]).all()
-    assert (t["measured_loss"] <= t["measured_loss_hi"]).all()
-    assert (t["sakr_flip_bound"] >= 0).all() and (t["hawq_v2"] >= 0).all()
-    last = t[t["layers"] == "last"]
-    assert last[["L1_flip", "L2_flip", "L3_flip"]].notna().all().all()
+    last, every = t[t["layers"] == "last"], t[t["layers"] == "all"]
+    for part, p in ((last, "L3"), (every, "L3L")):
+        assert (part[f"{p}_flip_rate_low"] <= part[f"{p}_flip_rate_high"]).all()  # ordered
+        # the band is of a count of flips: the mean rate lies within it, up to one image
+        assert (part[f"{p}_flip_rate_low"] <= part[f"{p}_flip_rate"] + 1.0 / part["n_eval"]).all()
+        assert (part[f"{p}_flip_rate"] <= part[f"{p}_flip_rate_high"] + 1.0 / part["n_eval"]).all()
+    assert (t["measured_flip_rate_low"] <= t["measured_flip_rate"]).all()
+    assert (t["measured_flip_rate"] <= t["measured_flip_rate_high"]).all()
+    assert (t["measured_accuracy_loss_low"] <= t["measured_accuracy_loss"]).all()
+    assert (t["measured_accuracy_loss"] <= t["measured_accuracy_loss_high"]).all()
+    assert t["sakr_flip_rate_bound"].between(0, 1).all() and (t["hawq_v2"] >= 0).all()
+    assert last[["L1_flip_rate", "L2_flip_rate", "L3_flip_rate"]].notna().all().all()
+    assert last[["L2L_flip_rate", "L3L_flip_rate"]].isna().all().all()  # one meaning a prefix
+    assert every[["L2L_flip_rate", "L3L_flip_rate"]].notna().all().all()
+    assert every[["L1_flip_rate", "L2_flip_rate", "L3_flip_rate"]].isna().all().all()
     # more bits, fewer flips: the measured and predicted flip rates fall from 3 to 8 bits
-    for _, g in t.groupby(["problem", "layers", "granularity"]):
+    for (_, layers, _), g in t.groupby(["problem", "layers", "granularity"]):
         g = g.sort_values("bits")
-        assert g["L3_flip"].iloc[-1] < g["L3_flip"].iloc[0]
-        assert g["measured_flip"].iloc[-1] <= g["measured_flip"].iloc[0]
+        p = "L3" if layers == "last" else "L3L"
+        assert g[f"{p}_flip_rate"].iloc[-1] < g[f"{p}_flip_rate"].iloc[0]
+        assert g["measured_flip_rate"].iloc[-1] <= g["measured_flip_rate"].iloc[0]
     # float accuracy of ResNet-20 on the first 1000 images
     meta = json.loads((small_run / "run.json").read_text())
     assert 0.88 < meta["accuracies"]["resnet20"] < 0.96
     assert (small_run / "summary.txt").read_text().startswith("float accuracy: resnet20")
     assert (small_run / "hypotheses" / "resnet20" / "hypotheses_uniform.csv").is_file()
     s = pd.read_csv(small_run / "comparison_summary.csv")
-    assert {"cells", "L3_flip_in_band", "L3_flip_abs_error"} <= set(s.columns)
+    assert {"cells", "band_coverage", "L3_flip_rate_abs_error", "bits_min"} <= set(s.columns)
     assert list((small_run / "figures").glob("*.png"))
     # the verdicts behind the summary's H_U / H_G columns: shares in [0, 1], one row per cell
     v = pd.read_csv(small_run / "hypothesis_verdicts.csv")
@@ -86,6 +92,29 @@ def test_small_run_outputs_schema_and_sanity(small_run):
     assert (hu["H_U_fails"] + hu["H_U_marginal"] <= 1 + 1e-12).all()
     assert set(v["problem"].dropna()) == {"10-class", "cat-vs-dog"}
     assert "H_U fails" in (small_run / "summary.txt").read_text()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_small_run_writes_a_column_dictionary_and_integer_bits(small_run):
+    t = pd.read_csv(small_run / "comparison.csv")
+    s = pd.read_csv(small_run / "comparison_summary.csv")
+    v = pd.read_csv(small_run / "hypothesis_verdicts.csv")
+    meta = json.loads((small_run / "run.json").read_text())
+    # bit-widths are integers in the file (3, not 3.0); the H_G rows leave them empty
+    raw = (small_run / "hypothesis_verdicts.csv").read_text()
+    assert ",3.0," not in raw and ",3," in raw
+    # the column dictionary names every column of every table the run wrote
+    columns = (small_run / "columns.md").read_text()
+    tables = {"hypothesis_verdicts.csv": v}
+    from distortion.experiments import compare
+
+    if hasattr(compare, "COLUMN_DICTIONARY"):  # the comparison columns are described there
+        tables.update({"comparison.csv": t, "comparison_summary.csv": s})
+    for name, table in tables.items():
+        missing = [c for c in table.columns if f"| `{c}` |" not in columns]
+        assert not missing, (name, missing)
+    assert meta["runs"][0]["timings_s"] == meta["timings_s"] == meta["first_run"]["timings_s"]
 
 
 @pytest.mark.real_data
@@ -100,11 +129,14 @@ def test_rerun_uses_the_caches_and_compare_prints(small_run, capsys):
     meta = json.loads((small_run / "run.json").read_text())
     extraction = [v for k, v in meta["timings_s"].items() if "extract" in k]
     assert extraction and extraction[0] < 5.0, meta["timings_s"]  # served from the cache
+    # the cold run's timings are kept beside the rerun's
+    assert len(meta["runs"]) >= 2 and meta["runs"][-1]["timings_s"] == meta["timings_s"]
+    assert meta["first_run"] == meta["runs"][0] and "figures" in meta["first_run"]["timings_s"]
     assert time.perf_counter() - t0 < 600
     capsys.readouterr()
     assert main(["compare", str(small_run), "--layers", "last", "--problem", "cat-vs-dog"]) == 0
     out = capsys.readouterr().out
-    assert "measured_flip" in out and "cat-vs-dog" in out
+    assert "measured_flip_rate" in out and "cat-vs-dog" in out
     assert main(["compare", str(small_run), "--model", "resnet99"]) == 2
     assert "no cells with model='resnet99'" in capsys.readouterr().err
 
@@ -159,15 +191,17 @@ def test_summary_table_formats_rates_in_points():
 
     t = pd.DataFrame({
         "model": ["m"] * 2, "problem": ["p"] * 2, "layers": ["last"] * 2,
-        "granularity": ["tensor"] * 2, "bits": [3, 4], "L3_flip_abs_error": [0.01, 0.03],
-        "L3_flip_in_band": [True, False],
+        "granularity": ["tensor"] * 2, "bits": [3, 4], "L3_flip_rate_abs_error": [0.01, 0.03],
+        "L1_flip_rate_abs_error": [np.nan, np.nan], "L3_flip_rate_in_band": [True, False],
     })  # fmt: skip
     text = summary_table(Comparison(t), {"m": 0.9}, split_bits=5)
     assert "m 90.00 %" in text and "2.00" in text and "50 %" in text and "3-4" in text
-    assert np.isclose(Comparison(t).summary()["L3_flip_in_band"].iloc[0], 0.5)
+    assert "nan" not in text.lower()  # a level that does not apply is "-"
+    assert np.isclose(Comparison(t).summary()["band_coverage"].iloc[0], 0.5)
     split = Comparison(t).summary(split_bits=4)
-    assert split["bits"].tolist() == ["3", "4"]
-    assert split["L3_flip_in_band"].tolist() == [1.0, 0.0]
+    assert split["bits_min"].tolist() == [3, 4] and split["bits_max"].tolist() == [3, 4]
+    assert split["bits_min"].dtype.kind == "i"
+    assert split["band_coverage"].tolist() == [1.0, 0.0]
     verdicts = pd.DataFrame([
         {"model": "m", "granularity": "tensor", "bits": b, "layers": "last", "problem": None,
          "H_U_fails": f, "H_U_marginal": 0.0, "H_U_layers": 1}
@@ -179,3 +213,40 @@ def test_summary_table_formats_rates_in_points():
     assert "H_U fails" in lines[0] and "H_G margins fail" in lines[0]
     assert "100 %" in lines[1]
     assert "25 %" in lines[1] and "0 %" in lines[2]
+
+
+def test_run_json_keeps_the_cold_timings(tmp_path):
+    from distortion.experiments.pipeline import _write_run_json
+
+    path, cfg = tmp_path / "run.json", ExperimentConfig()
+    _write_run_json(path, cfg, {"extract": 60.0}, {"resnet20": 0.9}, 0.0)
+    _write_run_json(path, cfg, {"extract": 0.5}, {"resnet20": 0.9}, 100.0)
+    meta = json.loads(path.read_text())
+    assert meta["timings_s"] == {"extract": 0.5}  # the latest run
+    assert meta["first_run"]["timings_s"] == {"extract": 60.0}  # the cold one, kept
+    assert [r["timings_s"]["extract"] for r in meta["runs"]] == [60.0, 0.5]
+    path.write_text(json.dumps({"timings_s": {"extract": 70.0}}))  # an older run.json
+    _write_run_json(path, cfg, {"extract": 1.0}, {}, 0.0)
+    assert json.loads(path.read_text())["first_run"]["timings_s"] == {"extract": 70.0}
+
+
+def test_column_dictionary_lists_the_verdict_columns(tmp_path):
+    from types import SimpleNamespace
+
+    from distortion.experiments.hypotheses import ALL_LAYERS
+    from distortion.experiments.pipeline import (
+        Problem,
+        hypothesis_verdicts,
+        write_column_dictionary,
+    )
+
+    report = SimpleNamespace(
+        uniform=pd.DataFrame({"layer": ["fc", "conv", ALL_LAYERS], "granularity": "tensor",
+                              "bits": 4, "verdict": ["fails", "ok", "ok"]}),
+        gaussian=pd.DataFrame({"kind": ["margin"], "class_name": ["cat"], "verdict": ["ok"]}),
+        provenance={"last_layer": "fc"},
+    )  # fmt: skip
+    v = hypothesis_verdicts(report, "m", [Problem("10-class")])
+    text = write_column_dictionary(tmp_path / "columns.md").read_text()
+    assert not [c for c in v.columns if f"| `{c}` |" not in text]
+    assert "## hypothesis_verdicts.csv" in text

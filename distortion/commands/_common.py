@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,9 +24,11 @@ __all__ = [
     "add_model_args",
     "add_runtime_args",
     "add_subset_args",
+    "check_device",
     "extract_features_from_args",
     "load_model_and_dataset",
     "parse_bits",
+    "progress_enabled",
 ]
 
 #: Options of :func:`add_subset_args`, passed on to ``load_dataset`` when a parser has them.
@@ -172,6 +175,10 @@ def load_model_and_dataset(
     from distortion.experiments.data import load_dataset
     from distortion.experiments.models import get_spec, load_model
 
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    if model_device is not None:
+        check_device(model_device)
     spec = get_spec(args.model)
     source = args.data if args.data is not None else spec.dataset
     subset = {k: getattr(args, k) for k in _SUBSET_OPTIONS if hasattr(args, k)}
@@ -217,8 +224,48 @@ def extract_features_from_args(
         device=args.device,
         cache_dir=args.cache_dir,
         cache=not args.no_cache,
-        progress=not args.quiet,
+        progress=progress_enabled(args),
     )
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars: unless ``--quiet``, and only when stderr is a terminal (in a log file
+    a bar would write thousands of updates; the per-stage lines are kept there)."""
+    if getattr(args, "quiet", False):
+        return False
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # closed or replaced stream
+        return False
+
+
+def check_device(device: str) -> str:
+    """Return ``device`` when torch can use it here; else raise a ValueError saying why.
+
+    ``banana`` is not a device; ``cuda`` without a CUDA GPU (or ``cuda:3`` with fewer GPUs)
+    and ``mps`` without Apple's Metal backend are unavailable: pass ``--device cpu``.
+    """
+    import torch
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device; pass cpu, cuda, cuda:0 or mps"
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is available here; pass --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: only {n} CUDA GPU(s) here (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {device}: the MPS backend is not available; pass cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: unsupported device type {dev.type!r}; pass cpu")
+    return str(device)
 
 
 def parse_bits(text: str) -> list[int]:
@@ -226,16 +273,18 @@ def parse_bits(text: str) -> list[int]:
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part, flags=re.ASCII)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if lo > hi:
                 raise ValueError(f"--bits range {part!r} is empty; write LOW-HIGH, e.g. 2-8")
             out.extend(range(lo, hi + 1))
-        elif part.isdigit():
+        elif re.fullmatch(r"\d+", part, flags=re.ASCII):
             out.append(int(part))
         else:
-            raise ValueError(f"--bits must look like 2-8 or 2,4,8, got {text!r}")
+            raise ValueError(
+                f"--bits must be whole bit-widths like 2-8 or 2,4,8 (no fractions), got {text!r}"
+            )
     if not out or min(out) < 1 or max(out) > 16:
         raise ValueError(f"--bits must lie in 1..16, got {text!r}")
     return sorted(set(out))

@@ -34,9 +34,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-COLUMNS = ("model", "problem", "layers", "granularity", "bits", "measured_flip", "L1_flip",
-           "L2_flip", "L3_flip", "L3_flip_lo", "L3_flip_hi", "sakr_flip_bound",
-           "measured_loss", "L3_loss")  # fmt: skip
+#: Columns printed, in this order, where the table has them (the names of
+#: distortion.experiments.compare.COLUMN_DICTIONARY; the last line: results of older versions).
+COLUMNS = ("model", "problem", "layers", "granularity", "bits", "measured_flip_rate",
+           "L1_flip_rate", "L2_flip_rate", "L3_flip_rate", "L3_flip_rate_low",
+           "L3_flip_rate_high", "L2L_flip_rate", "L3L_flip_rate", "L3L_flip_rate_low",
+           "L3L_flip_rate_high", "sakr_flip_rate_bound", "measured_accuracy_loss",
+           "L3_accuracy_loss", "L3L_accuracy_loss",
+           "measured_flip", "L1_flip", "L2_flip", "L3_flip", "L3_flip_lo", "L3_flip_hi",
+           "sakr_flip_bound", "measured_loss", "L3_loss")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         print(summary_table(Comparison(t)))
         return 0
-    cols = [c for c in COLUMNS if c in t]
+    cols = [c for c in COLUMNS if c in t and (c in ("model", "problem") or t[c].notna().any())]
     print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0

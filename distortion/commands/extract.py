@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     """Extract and save; raises ValueError / FileNotFoundError for the CLI to print."""
     if not str(args.out).endswith(".npz"):
         raise ValueError(f"--out must name a .npz file, got {args.out!r}")
+    from distortion.experiments import _paths
+
+    _paths.check_output_file(args.out, "--out")  # before minutes of extraction
     _, dataset, model = load_model_and_dataset(args, split=args.split, seed=args.seed)
     fs = extract_features_from_args(args, model, dataset)
     path = fs.save(args.out)

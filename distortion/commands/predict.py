@@ -24,6 +24,7 @@ from distortion.commands._common import (
     add_subset_args,
     load_model_and_dataset,
     parse_bits,
+    progress_enabled,
 )
 
 __all__ = ["add_parser", "parse_bits", "run"]
@@ -55,6 +56,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="'last', 'all', or comma-separated layer names (default all)",
     )
     add_subset_args(p, n_default=1000, per_class=False, classes=False)
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        metavar="K",
+        help="skip the first K images: use images K..K+N-1 (default 0)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("fit", "evaluate"),
+        help=(
+            "use one part of the seeded stratified split of the first N images that "
+            "`distortion run` uses (fit: the statistics are fitted on it; evaluate: measured "
+            "on it), with --fit-fraction and --seed; default: all N images"
+        ),
+    )
+    p.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of each class in the fit part of --split (default 0.5, as data.fit_fraction)",
+    )
     p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric")
     p.add_argument("--granularity", choices=("tensor", "channel"), default="tensor")
     p.add_argument("--clipping", choices=("max", "mse"), default="max")
@@ -71,10 +95,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="B",
         help="also print a mixed-precision allocation with at most B bits per weight",
     )
-    p.add_argument("--realizations", type=int, default=40, help="realizations behind the band")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--realizations",
+        type=int,
+        default=40,
+        help=f"realizations behind the 95 %% band: 0 (no band) or >= {MIN_REALIZATIONS}",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the realizations and --split")
     add_runtime_args(p, no_cache=False)
     return p
+
+
+#: Fewest realizations behind a 95 % band (its 2.5 % and 97.5 % quantiles distinct).
+MIN_REALIZATIONS = 39
+
+
+def _loading_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--n`` raised by ``--offset``: load the images the selection needs."""
+    loading = argparse.Namespace(**vars(args))
+    if args.offset and args.n is not None:
+        loading.n = args.offset + args.n
+    return loading
+
+
+def choose_images(dataset, args: argparse.Namespace):
+    """The images ``predict`` fits on: ``dataset`` (the first ``offset + n`` images) without
+    its first ``--offset`` ones, or the ``--split`` part of the run's seeded stratified split.
+
+    Returns the dataset and a note for the printed header ("" when all images are used).
+    """
+    import numpy as np
+
+    from distortion.experiments.pipeline import fit_evaluate_mask, select_images
+
+    if args.split is not None:
+        fit = fit_evaluate_mask(dataset.labels, dataset.n_classes, args.fit_fraction, args.seed)
+        mask = fit if args.split == "fit" else ~fit
+        note = (
+            f", the {args.split} part of the first {len(dataset)} "
+            f"(fit fraction {args.fit_fraction}, seed {args.seed})"
+        )
+        return select_images(dataset, np.flatnonzero(mask), args.split), note
+    if args.offset:
+        if args.offset >= len(dataset):
+            raise ValueError(
+                f"--offset {args.offset} skips every image: the dataset has {len(dataset)}"
+            )
+        pos = np.arange(args.offset, len(dataset))
+        label = f"{args.offset}:{len(dataset)}"
+        return select_images(dataset, pos, label), f", from image {args.offset}"
+    return dataset, ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +156,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be a positive integer, got {args.n}")
+    if args.offset < 0:
+        raise ValueError(f"--offset must be >= 0, got {args.offset}")
+    if args.split is not None and args.offset:
+        raise ValueError("--split takes the run's split of the first N images: drop --offset")
+    if not 0.0 < args.fit_fraction < 1.0:
+        raise ValueError(f"--fit-fraction must be in (0, 1), got {args.fit_fraction}")
+    if args.realizations != 0 and args.realizations < MIN_REALIZATIONS:
+        raise ValueError(
+            f"--realizations {args.realizations} is too few for a 95 % band (it needs at least "
+            f"{MIN_REALIZATIONS}, so that its 2.5 % and 97.5 % quantiles are distinct draws); "
+            "pass --realizations 40 or more, or 0 for no band"
+        )
     layers = args.layers if args.layers in ("all", "last") else args.layers.split(",")
     quantizer = UniformQuantizer(
         max(args.bits),
@@ -94,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         clipping=args.clipping,
         rounding=args.rounding,
     )
-    _, dataset, model = load_model_and_dataset(args)
+    _, dataset, model = load_model_and_dataset(_loading_args(args))
+    dataset, chosen = choose_images(dataset, args)
     est = AccuracyLossEstimator(
         quantizer,
         layers=layers,
@@ -103,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache_dir=args.cache_dir,
         device=args.device,
-        progress=not args.quiet,
+        progress=progress_enabled(args),
     ).fit_model(model, dataset)
     pred = est.predict(args.bits)
     frame = pred.to_frame()
@@ -115,10 +198,14 @@ def run(args: argparse.Namespace) -> int:
     out.columns = ["bits", "flip %", "flip lo %", "flip hi %", "loss %", "loss lo %",
                    "loss hi %", "H_U fails %", "level"]  # fmt: skip
     print(
-        f"{args.model} on {dataset.dataset_id} ({len(dataset)} images), "
+        f"{args.model} on {dataset.dataset_id} ({len(dataset)} images{chosen}), "
         f"{len(est.layers_)} layer(s), {args.scheme}/{args.granularity}/{args.clipping}/"
         f"{args.rounding}; float top-1 {100 * pred.accuracy_float:.2f} %; "
-        f"bands: {100 * est.coverage:.0f} % for one realization",
+        + (
+            f"bands: {100 * est.coverage:.0f} % for one realization"
+            if args.realizations
+            else "no bands (--realizations 0)"
+        ),
         file=sys.stdout,
     )
     with pd.option_context("display.width", 120, "display.max_columns", 20):

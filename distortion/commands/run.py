@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from distortion.commands._common import add_runtime_args
+from distortion.commands._common import add_runtime_args, progress_enabled
 
 __all__ = ["add_parser", "run"]
 
@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--weights takes MODEL=FILE, got {item!r}")
+        if name in weights:
+            raise ValueError(f"--weights names {name} twice")
         weights[name] = path
     t0 = time.perf_counter()
     try:
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out,
             cache_dir=args.cache_dir,
             figures=not args.no_figures,
-            progress=not args.quiet,
+            progress=progress_enabled(args),
         )
     except StageError as exc:
         print(f"distortion run: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from distortion.commands._common import (
     extract_features_from_args,
     load_model_and_dataset,
     parse_bits,
+    progress_enabled,
 )
 
 __all__ = ["add_parser", "parse_bits", "run"]
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from distortion.quantize import UniformQuantizer
 
     bits = parse_bits(args.bits)
+    _paths.check_output_dir(args.out, "--out")
     grans = [g.strip() for g in str(args.granularity).split(",") if g.strip()]
     if not grans or any(g not in ("tensor", "channel") for g in grans):
         raise ValueError(f"--granularity must be tensor, channel or both, got {args.granularity!r}")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         figures=not args.no_figures,
         cache_dir=None if args.no_cache else _paths.cache_dir(args.cache_dir),
-        progress=not args.quiet,
+        progress=progress_enabled(args),
     )
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"{args.model} on {dataset.dataset_id}: {len(fs)} images -> {args.out}")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 __all__ = [
     "cache_dir",
+    "check_output_dir",
+    "check_output_file",
     "data_root",
     "repo_root",
     "shared_dir",
@@ -77,3 +79,52 @@ def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "distortion"
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_parent(folder: Path, option: str, shown: Path) -> None:
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise ValueError(
+            f"{option} {shown} lies under {base}, which is a file, not a folder: pass a path "
+            "in a folder"
+        )
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{option} {shown}: cannot write into {base} (permission denied); pass a folder you "
+            "can write, e.g. under your home folder or /tmp"
+        )
+
+
+def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Return ``path`` (expanded) when it is, or can be made, a writable folder.
+
+    Raises a ValueError saying what to pass instead when ``path`` is a file, lies under a
+    file, or lies in a folder that cannot be written (checked before any work is done).
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(
+            f"{option} {p} is a file, not a folder: pass a folder to write the results into, "
+            f"e.g. {option} {p.parent / (p.stem + '-results')}"
+        )
+    _check_writable_parent(p, option, p)
+    return p
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Return ``path`` (expanded) when a file can be written there, else raise a ValueError
+    saying what to pass instead (a folder given, a parent that is a file or read-only)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{option} {p} is a folder: pass a file name, e.g. {p / 'features.npz'}")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{option} {p}: the file is read-only (permission denied); pass another")
+    _check_writable_parent(p.parent, option, p)
+    return p

@@ -11,7 +11,13 @@ Everything is written under ``<results>/<experiment name>/``:
 - ``hypotheses/<model>/``: the hypothesis-test tables;
 - ``features/<model>.npz``: the extracted features;
 - ``figures/*.png``;
-- ``summary.txt``: the printed summary; ``run.json``: configuration, timings, versions.
+- ``summary.txt``: the printed summary; ``run.json``: configuration and timings (``runs``:
+  every run into the folder, so the cold timings of the first are kept);
+- ``hypothesis_verdicts.csv``: the verdicts behind the summary's H_U / H_G columns;
+- ``columns.md``: what every column of the CSV files and of the summary means.
+
+The configuration is checked as a whole (:class:`ExperimentConfig`), and the data path,
+checkpoints and results folder before the first stage, so that a mistake fails at once.
 """
 
 from __future__ import annotations
@@ -55,9 +61,95 @@ class Problem:
     classes: tuple[str, ...] | None = None
 
 
+#: Sections and keys of a configuration file (``""``: the top level), for error messages.
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("name", "data", "models", "quantizer", "last_layer", "all_layers", "hypotheses"),
+    "data": ("source", "n", "fit_fraction", "seed"),
+    "models": ("names",),
+    "quantizer": ("scheme", "clipping", "rounding", "granularity"),
+    "last_layer": ("bits", "covariance", "n_realizations", "problems"),
+    "all_layers": ("bits", "n"),
+    "hypotheses": ("bits", "n_components"),
+}
+
+#: Field of :class:`ExperimentConfig` -> its key in the TOML file (named in error messages).
+_TOML_KEY: dict[str, str] = {
+    "name": "name", "data_source": "data.source", "n": "data.n",
+    "fit_fraction": "data.fit_fraction", "seed": "data.seed", "models": "models.names",
+    "scheme": "quantizer.scheme", "clipping": "quantizer.clipping",
+    "rounding": "quantizer.rounding", "granularity": "quantizer.granularity",
+    "last_layer_bits": "last_layer.bits", "covariance": "last_layer.covariance",
+    "n_realizations": "last_layer.n_realizations", "problems": "last_layer.problems",
+    "all_layers_bits": "all_layers.bits", "all_layers_n": "all_layers.n",
+    "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
+}  # fmt: skip
+
+#: Realizations a 95 % band needs: its 2.5 % and 97.5 % quantiles must be two distinct draws.
+MIN_BAND_REALIZATIONS = 39
+
+_COVARIANCES = ("class", "pooled")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _check_int(key: str, v: Any, lo: int, what: str = "") -> int:
+    if not _is_int(v):
+        raise ValueError(f"{key} must be an integer{what}, got {v!r} ({type(v).__name__})")
+    if v < lo:
+        raise ValueError(f"{key} must be an integer >= {lo}{what}, got {v!r}")
+    return int(v)
+
+
+def _check_str(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{key} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _check_choice(key: str, v: Any, choices: Sequence[str]) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    return v
+
+
+def _check_list(key: str, v: Any, example: str) -> tuple[Any, ...]:
+    """A list (or tuple) of items, never a bare string or number (which would be split)."""
+    if isinstance(v, str) or not isinstance(v, list | tuple):
+        raise ValueError(f"{key} must be a list, e.g. {key.rpartition('.')[2]} = {example}, "
+                         f"got {v!r}")  # fmt: skip
+    if not v:
+        raise ValueError(f"{key} is empty; give at least one value, e.g. {example}")
+    return tuple(v)
+
+
+def _check_bits(key: str, v: Any) -> tuple[int, ...]:
+    bits = _check_list(key, v, "[2, 4, 8]")
+    bad = [b for b in bits if not _is_int(b) or not 1 <= b <= 16]
+    if bad:
+        raise ValueError(f"{key} must hold integer bit-widths in 1..16, got {bad}")
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"{key} repeats a bit-width: {list(bits)}")
+    return tuple(int(b) for b in bits)
+
+
+def known_class_names(models: Sequence[str]) -> tuple[str, ...] | None:
+    """The class names of the models' dataset when known without loading it (CIFAR-10)."""
+    from distortion.experiments.data import CIFAR10_CLASSES
+    from distortion.experiments.models import MODELS
+
+    datasets = {MODELS[m].dataset for m in models if m in MODELS}
+    return CIFAR10_CLASSES if datasets == {"cifar10"} else None
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Settings of an experiment (see ``experiments/default.toml``)."""
+    """Settings of an experiment (see ``experiments/default.toml``).
+
+    Every setting is checked on construction (type, range, known names), so that a broken
+    configuration fails at once, naming its TOML key, not after minutes of extraction.
+    """
 
     name: str = "default"
     data_source: str = "data/cifar10/test.npz"
@@ -80,18 +172,59 @@ class ExperimentConfig:
     source_file: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.fit_fraction < 1.0:
-            raise ValueError(f"data.fit_fraction must be in (0, 1), got {self.fit_fraction!r}")
-        if not self.models:
+        from distortion.experiments.models import MODELS
+        from distortion.quantize import _CLIPPINGS, _GRANULARITIES, _ROUNDINGS, _SCHEMES
+
+        k = _TOML_KEY
+        set_ = object.__setattr__
+        _check_str(k["name"], self.name)
+        if any(c in self.name for c in "/\\") or self.name in (".", ".."):
+            raise ValueError(f"name must be a plain folder name (no '/'), got {self.name!r}")
+        _check_str(k["data_source"], self.data_source)
+        if self.n is not None:
+            _check_int(k["n"], self.n, 20, " (images; 0 keeps every image)")
+        ff = self.fit_fraction
+        if not isinstance(ff, float | int) or isinstance(ff, bool) or not 0.0 < ff < 1.0:
+            raise ValueError(f"{k['fit_fraction']} must be a number in (0, 1), got {ff!r}")
+        set_(self, "fit_fraction", float(ff))
+        _check_int(k["seed"], self.seed, 0)
+        if isinstance(self.models, list | tuple) and not self.models:
             raise ValueError("models.names is empty: name at least one model, e.g. resnet20")
+        models = _check_list(k["models"], self.models, '["resnet20"]')
+        for m in models:
+            if not isinstance(m, str) or m not in MODELS:
+                raise ValueError(f"{k['models']}: unknown model {m!r}; choose from "
+                                 f"{', '.join(MODELS)}")  # fmt: skip
+        if len(set(models)) != len(models):
+            raise ValueError(f"{k['models']} repeats a model: {list(models)}")
+        set_(self, "models", models)
+        _check_choice(k["scheme"], self.scheme, _SCHEMES)
+        _check_choice(k["clipping"], self.clipping, _CLIPPINGS)
+        _check_choice(k["rounding"], self.rounding, _ROUNDINGS)
+        gran = (self.granularity,) if isinstance(self.granularity, str) else self.granularity
+        gran = _check_list(k["granularity"], gran, '["tensor", "channel"]')
+        for g in gran:
+            _check_choice(k["granularity"], g, _GRANULARITIES)
+        if len(set(gran)) != len(gran):
+            raise ValueError(f"{k['granularity']} repeats a granularity: {list(gran)}")
+        set_(self, "granularity", gran)
         for key in ("last_layer_bits", "all_layers_bits", "hypotheses_bits"):
-            bad = [b for b in getattr(self, key) if not 1 <= int(b) <= 16]
-            if bad:
-                raise ValueError(f"{key} must hold bit-widths in 1..16, got {bad}")
-        if self.n is not None and self.n < 20:
-            raise ValueError(f"data.n must be at least 20 images, got {self.n}")
-        if self.all_layers_n < 0:
-            raise ValueError(f"all_layers.n must be >= 0 (0 skips), got {self.all_layers_n}")
+            set_(self, key, _check_bits(k[key], getattr(self, key)))
+        _check_choice(k["covariance"], self.covariance, _COVARIANCES)
+        band = f" (a 95 % band needs at least {MIN_BAND_REALIZATIONS} realizations)"
+        _check_int(k["n_realizations"], self.n_realizations, MIN_BAND_REALIZATIONS, band)
+        _check_int(k["all_layers_n"], self.all_layers_n, 0, " (0 skips the all-layer stage)")
+        _check_int(k["n_components"], self.n_components, 1, " (principal components)")
+        problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
+        if not all(isinstance(p, Problem) for p in problems):
+            raise ValueError(f"{k['problems']} must hold Problem objects, got {problems!r}")
+        names = [p.name for p in problems]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{k['problems']} repeats a problem name: {names}")
+        known = known_class_names(models)
+        for p in problems:
+            check_problem_classes(p, known)
+        set_(self, "problems", problems)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ExperimentConfig:
@@ -105,46 +238,53 @@ class ExperimentConfig:
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{p} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{p} is not a UTF-8 text file: {exc}") from None
         return cls.from_dict(raw, source_file=str(p))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source_file: str | None = None) -> ExperimentConfig:
-        """Build from the nested dictionary of a TOML file."""
-        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+        """Build from the nested dictionary of a TOML file, checking every section and key.
+
+        Unknown sections or keys are an error that lists the known ones; each value is
+        checked for its type and range (see :meth:`__post_init__`).
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"a configuration is a table of sections, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(CONFIG_KEYS[""]))
+        if unknown:
+            raise ValueError(
+                f"unknown configuration key(s): {', '.join(unknown)}; known top-level keys: "
+                f"{', '.join(CONFIG_KEYS[''])}"
+            )
+        for section, keys in CONFIG_KEYS.items():
+            if not section or section not in raw:
+                continue
+            if not isinstance(raw[section], dict):
+                raise ValueError(
+                    f"[{section}] must be a table (a [{section}] section), got {raw[section]!r}"
+                )
+            bad = sorted(set(raw[section]) - set(keys))
+            if bad:
+                raise ValueError(
+                    f"unknown configuration key(s): {', '.join(f'{section}.{b}' for b in bad)}; "
+                    f"known keys of [{section}]: {', '.join(keys)}"
+                )
         kw: dict[str, Any] = {"source_file": source_file}
-
-        def take(section: str, key: str, target: str, conv=lambda v: v) -> None:
-            sec = raw.get(section, {})
-            if key in sec:
-                kw[target] = conv(sec.pop(key))
-
-        if "name" in raw:
-            kw["name"] = str(raw.pop("name"))
-        take("data", "source", "data_source", str)
-        take("data", "n", "n", lambda v: None if v in (0, None) else int(v))
-        take("data", "fit_fraction", "fit_fraction", float)
-        take("data", "seed", "seed", int)
-        take("models", "names", "models", lambda v: tuple(map(str, v)))
-        take("quantizer", "scheme", "scheme", str)
-        take("quantizer", "clipping", "clipping", str)
-        take("quantizer", "rounding", "rounding", str)
-        take("quantizer", "granularity", "granularity",
-             lambda v: (v,) if isinstance(v, str) else tuple(v))  # fmt: skip
-        take("last_layer", "bits", "last_layer_bits", lambda v: tuple(map(int, v)))
-        take("last_layer", "covariance", "covariance", str)
-        take("last_layer", "n_realizations", "n_realizations", int)
-        take("last_layer", "problems", "problems", _problems)
-        take("all_layers", "bits", "all_layers_bits", lambda v: tuple(map(int, v)))
-        take("all_layers", "n", "all_layers_n", int)
-        take("hypotheses", "bits", "hypotheses_bits", lambda v: tuple(map(int, v)))
-        take("hypotheses", "n_components", "n_components", int)
-        leftover = [
-            f"{s}.{k}" if isinstance(v, dict) else s
-            for s, v in raw.items()
-            for k in (v if isinstance(v, dict) else [None])
-        ]
-        if leftover:
-            raise ValueError(f"unknown configuration key(s): {', '.join(sorted(leftover))}")
+        for field_name, key in _TOML_KEY.items():
+            section, _, name = key.rpartition(".")
+            sec = raw.get(section, {}) if section else raw
+            if name in sec:
+                kw[field_name] = sec[name]
+        if "n" in kw and _is_int(kw["n"]) and kw["n"] == 0:
+            kw["n"] = None  # 0: every image
+        if "models" in kw and isinstance(kw["models"], list | tuple) and kw["models"]:
+            kw["models"] = _check_list(_TOML_KEY["models"], kw["models"], '["resnet20"]')
+        if "problems" in kw:
+            kw["problems"] = _problems(kw["problems"])
+        for key in ("granularity", "last_layer_bits", "all_layers_bits", "hypotheses_bits"):
+            if isinstance(kw.get(key), list):
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
     def quantizers(self, bits: Sequence[int]):
@@ -154,6 +294,17 @@ class ExperimentConfig:
         return quantizer_grid(bits, granularity=self.granularity, scheme=self.scheme,
                               clipping=self.clipping, rounding=self.rounding)  # fmt: skip
 
+    def hypothesis_quantizers(self) -> dict[str, Any]:
+        """The quantizers whose error the hypothesis stage tests: this experiment's scheme,
+        clipping and rounding, one per granularity (bit-widths: ``hypotheses_bits``)."""
+        from distortion.quantize import UniformQuantizer
+
+        return {
+            f"per_{g}": UniformQuantizer(8, scheme=self.scheme, granularity=g,
+                                         clipping=self.clipping, rounding=self.rounding)
+            for g in self.granularity
+        }  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable settings."""
         d = asdict(self)
@@ -161,13 +312,42 @@ class ExperimentConfig:
         return d
 
 
+def check_problem_classes(problem: Problem, class_names: Sequence[str] | None) -> None:
+    """Raise a ValueError when ``problem`` names a class that ``class_names`` lacks (or
+    fewer than two, or one twice); ``class_names=None``: only the count is checked."""
+    key = _TOML_KEY["problems"]
+    if problem.classes is None:
+        return
+    cls = list(problem.classes)
+    if len(cls) < 2 or len(set(cls)) != len(cls):
+        raise ValueError(f"{key} {problem.name!r}: classes must name at least two distinct "
+                         f"classes, got {cls}")  # fmt: skip
+    if class_names is not None:
+        bad = [c for c in cls if c not in class_names]
+        if bad:
+            raise ValueError(
+                f"{key} {problem.name!r}: unknown class name(s) {bad}; the dataset's classes "
+                f"are {', '.join(class_names)}"
+            )
+
+
 def _problems(items: Any) -> tuple[Problem, ...]:
+    key = _TOML_KEY["problems"]
+    items = _check_list(key, items, '[{ name = "10-class" }]')
     out = []
     for it in items:
         if not isinstance(it, dict) or "name" not in it:
-            raise ValueError(f"each last_layer.problems entry needs a name, got {it!r}")
+            raise ValueError(f"each {key} entry needs a name, got {it!r}")
+        bad = sorted(set(it) - {"name", "classes"})
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} in {key} entry {it!r}; known: name, classes")
+        name = _check_str(f"{key} name", it["name"])
         classes = it.get("classes")
-        out.append(Problem(str(it["name"]), None if classes is None else tuple(map(str, classes))))
+        if classes is not None:
+            classes = _check_list(f"{key} {name!r}: classes", classes, '["cat", "dog"]')
+            if not all(isinstance(c, str) for c in classes):
+                raise ValueError(f"{key} {name!r}: classes must be class names, got {classes}")
+        out.append(Problem(name, classes))
     return tuple(out)
 
 
@@ -210,26 +390,60 @@ class _Stages:
 
 
 def _resolve_source(source: str, data: str | None) -> str:
-    """A path relative to --data / DISTORTION_DATA / ../shared, or a named dataset."""
+    """A path relative to --data, else to DISTORTION_DATA / ../shared, or a named dataset.
+
+    An explicit ``data`` is the only place looked in: when it does not exist, or does not
+    hold ``source``, that is an error, never a fallback to the shared folder.
+    """
     if source in ("cifar10", "cifar100", "imagenet"):
         return source
-    p = Path(source)
+    p = Path(source).expanduser()
+    if data is not None:
+        root = Path(data).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(
+                f"--data {data}: no such file or folder; pass an existing .npz file or the "
+                "folder holding data/cifar10/test.npz"
+            )
+        roots = [root]
+    else:
+        shared = _paths.shared_dir()
+        roots = [] if shared is None else [shared]
     if p.is_absolute():
-        return str(p)
-    roots = [Path(data)] if data else []
-    shared = _paths.shared_dir()
-    if shared is not None:
-        roots.append(shared)
+        if data is None or p.exists():
+            return str(p)
     for r in roots:
+        if r.is_file():
+            return str(r)
         if (r / p).exists():
             return str(r / p)
-        if r.is_file() or (r.suffix == ".npz" and r.exists()):
-            return str(r)
+    where = [str(r) for r in roots] or "no data folder"
     raise FileNotFoundError(
-        f"data source {source!r} not found under {[str(r) for r in roots] or 'no data folder'}; "
-        "pass --data PATH (a .npz file or the folder holding data/cifar10/test.npz) or set "
-        "DISTORTION_DATA"
+        f"data source {source!r} not found under {where}; pass --data PATH (a .npz file or "
+        "the folder holding data/cifar10/test.npz) or set DISTORTION_DATA"
     )
+
+
+def _check_inputs(
+    config: ExperimentConfig, data: str | None, weights: dict[str, str], out: Path
+) -> None:
+    """Everything that can be checked before the first stage: the explicit data path, the
+    checkpoints (of models the configuration runs) and a writable results folder."""
+    if data is not None and not Path(data).expanduser().exists():
+        raise FileNotFoundError(
+            f"--data {data}: no such file or folder; pass an existing .npz file or the folder "
+            "holding data/cifar10/test.npz (or leave it out to use DISTORTION_DATA)"
+        )
+    extra = sorted(set(weights) - set(config.models))
+    if extra:
+        raise ValueError(
+            f"--weights for {', '.join(extra)}, which the configuration does not run; its "
+            f"models (models.names) are {', '.join(config.models)}"
+        )
+    for name, path in weights.items():
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"--weights {name}={path}: no such checkpoint file")
+    _paths.check_output_dir(out, "--out")
 
 
 def run_experiment(
@@ -269,15 +483,19 @@ def run_experiment(
     from distortion.experiments.models import load_model
 
     out = Path(out_dir) if out_dir else _paths.repo_root() / "experiments" / "results" / config.name
+    weights = dict(weights or {})
+    _check_inputs(config, data, weights, out)
     out.mkdir(parents=True, exist_ok=True)
     cache = _paths.cache_dir(cache_dir)
-    weights = weights or {}
+    started = time.time()
     n_stages = len(config.models) * (4 + (config.all_layers_n > 0)) + 1 + figures
     stage = _Stages(n_stages, stream)
     parts, accuracies, verdicts = [], {}, []
     with stage("load data"):
         source = _resolve_source(config.data_source, data)
         dataset = load_dataset(source, n=config.n)
+        for prob in config.problems:  # names of a dataset not known before loading it
+            check_problem_classes(prob, dataset.class_names)
     for name in config.models:
         with stage(f"{name}: load model and extract features"):
             model = load_model(name, weights.get(name))
@@ -289,7 +507,8 @@ def run_experiment(
             fit, evaluate = fs.select(first), fs.select(~first)
         with stage(f"{name}: hypothesis tests"):
             report = run_hypothesis_tests(
-                fs, model, bits=config.hypotheses_bits, n_components=config.n_components,
+                fs, model, bits=config.hypotheses_bits, quantizers=config.hypothesis_quantizers(),
+                n_components=config.n_components,
                 seed=config.seed, out_dir=out / "hypotheses" / name, figures=figures,
                 cache_dir=cache, progress=progress,
             )  # fmt: skip
@@ -333,12 +552,157 @@ def run_experiment(
             save_comparison_figures(comparison, out / "figures")
     verdict_table = pd.concat(verdicts, ignore_index=True) if verdicts else None
     if verdict_table is not None:
+        if "bits" in verdict_table:  # integers, empty for the H_G rows (not 2.0)
+            verdict_table["bits"] = verdict_table["bits"].astype("Int64")
         verdict_table.to_csv(out / "hypothesis_verdicts.csv", index=False)
     text = summary_table(comparison, accuracies, verdict_table)
     (out / "summary.txt").write_text(text + "\n")
-    meta = {"config": config.to_dict(), "timings_s": stage.timings, "accuracies": accuracies}
-    (out / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+    _write_run_json(out / "run.json", config, stage.timings, accuracies, started)
+    write_column_dictionary(out / "columns.md")
     return ExperimentResult(config, out, comparison, stage.timings, accuracies)
+
+
+def _write_run_json(
+    path: Path,
+    config: ExperimentConfig,
+    timings: dict[str, float],
+    accuracies: dict[str, float],
+    started: float,
+) -> None:
+    """Write ``run.json``: the configuration, accuracies and this run's timings
+    (``timings_s``), and every run into the folder so far (``runs``, oldest first), so the
+    cold timings of the first run are never overwritten by a rerun from the caches
+    (``first_run``)."""
+    runs: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            runs = list(old.get("runs") or [])
+            if not runs and "timings_s" in old:  # written before runs were kept
+                runs = [{"started": None, "timings_s": old["timings_s"]}]
+        except (ValueError, OSError, AttributeError, TypeError):
+            runs = []
+    this = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "total_s": time.time() - started,
+        "timings_s": timings,
+        "config_name": config.name,
+    }
+    runs.append(this)
+    meta = {
+        "config": config.to_dict(),
+        "timings_s": timings,
+        "accuracies": accuracies,
+        "first_run": runs[0],
+        "runs": runs,
+    }
+    path.write_text(json.dumps(meta, indent=1, default=str))
+
+
+#: Columns of ``hypothesis_verdicts.csv`` (:func:`hypothesis_verdicts`) and their meaning.
+VERDICT_COLUMNS: dict[str, str] = {
+    "model": "network name (models.names)",
+    "granularity": "quantizer granularity, tensor or channel (empty for the H_G rows)",
+    "bits": "bit-width of the quantizer (integer; empty for the H_G rows, which do not "
+    "depend on it)",
+    "layers": "'last': the last linear layer only; 'all': every tested layer",
+    "problem": "classification problem of the H_G row (empty for the H_U rows)",
+    "H_U_fails": "share of the tested layers whose quantization error fails the uniform "
+    "hypothesis H_U (0..1)",
+    "H_U_marginal": "share of the tested layers whose H_U verdict is marginal (0..1)",
+    "H_U_layers": "number of layers behind H_U_fails / H_U_marginal",
+    "H_G_margins_fail": "share of the logit margins of the problem's classes that fail the "
+    "Gaussian hypothesis H_G (0..1)",
+    "H_G_margins": "number of logit margins behind H_G_margins_fail",
+}
+
+#: Columns of the printed summary (``summary.txt``).
+SUMMARY_TEXT_COLUMNS: dict[str, str] = {
+    "<level> |err| pp": "mean absolute error of the level's (or bound's) flip rate against "
+    "the measured one, in percentage points",
+    "L3 in band": "share of cells whose measured flip rate lies in the level-3 band",
+    "H_U fails": "share of (quantized layer x bit-width) whose error fails H_U",
+    "H_G margins fail": "share of logit margins failing normality (last layer)",
+}
+
+
+#: Columns of ``comparison_summary.csv`` beyond the group keys and the mean errors.
+SUMMARY_CSV_COLUMNS: dict[str, str] = {
+    "band_coverage": "share of the group's cells whose measured flip rate lies inside the band "
+    "of the layer set's level-3 prediction (L3 for the last layer, L3L for all layers)",
+    "sakr_vacuous_share": "share of the group's cells where Sakr's published bound is >= 1",
+    "cells": "number of cells (bit-widths) in the group",
+    "bits_min": "smallest bit-width of the group (integer)",
+    "bits_max": "largest bit-width of the group (integer)",
+}
+
+
+def column_dictionary() -> dict[str, dict[str, str]]:
+    """Every column of the files a run writes, with its meaning, per file.
+
+    The comparison columns come from :data:`distortion.experiments.compare.COLUMN_DICTIONARY`;
+    ``comparison_summary.csv`` holds the group keys, the mean over the group's cells of each
+    ``*_abs_error`` column and :data:`SUMMARY_CSV_COLUMNS`.
+    """
+    from distortion.experiments import compare
+
+    comparison = dict(getattr(compare, "COLUMN_DICTIONARY", {}) or {})
+    keys = ("model", "problem", "layers", "granularity")
+    summary = {k: comparison[k] for k in keys if k in comparison}
+    summary.update({
+        c: f"mean over the group's cells of {c} ({m})"
+        for c, m in comparison.items() if c.endswith("_abs_error")
+    })  # fmt: skip
+    summary.update(getattr(compare, "SUMMARY_COLUMN_DICTIONARY", None) or SUMMARY_CSV_COLUMNS)
+    return {
+        "comparison.csv (and comparison.json)": comparison,
+        "comparison_summary.csv": summary,
+        "hypothesis_verdicts.csv": dict(VERDICT_COLUMNS),
+        "summary.txt (printed summary)": dict(SUMMARY_TEXT_COLUMNS),
+    }
+
+
+def write_column_dictionary(path: str | Path) -> Path:
+    """Write :func:`column_dictionary` as a Markdown file (one table per file)."""
+    lines = ["# Columns of the result files", ""]
+    for files, cols in column_dictionary().items():
+        lines += [f"## {files}", "", "| column | meaning |", "|---|---|"]
+        if not cols:
+            lines.append("| (not documented in this version) | |")
+        lines += [f"| `{c}` | {m.replace('|', '/')} |" for c, m in cols.items()]
+        lines.append("")
+    p = Path(path)
+    p.write_text("\n".join(lines))
+    return p
+
+
+def fit_evaluate_mask(labels: np.ndarray, n_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """The fit part of the stratified split :func:`run_experiment` uses (True: fit the
+    statistics, False: evaluate and measure), from the labels alone: exactly
+    :meth:`FeatureSet.split_mask` of features with these labels."""
+    from distortion.experiments.features import FeatureSet
+
+    y = np.asarray(labels, dtype=np.int64)
+    k = int(n_classes)
+    dummy = FeatureSet(
+        features=np.zeros((len(y), 1), np.float32), labels=y,
+        logits=np.zeros((len(y), k), np.float32), W=np.zeros((k, 1), np.float32),
+        b=np.zeros(k, np.float32), class_names=tuple(str(i) for i in range(k)),
+    )  # fmt: skip
+    return dummy.split_mask(fraction, seed=seed)
+
+
+def select_images(dataset: Any, positions: np.ndarray, label: str) -> Any:
+    """The images of ``dataset`` at ``positions`` (same preprocessing and class names)."""
+    from distortion.experiments.data import ImageDataset
+
+    pos = np.asarray(positions, dtype=np.int64)
+    if dataset.images is None:
+        raise ValueError("choosing images needs an in-memory dataset (.npz or CIFAR)")
+    return ImageDataset.from_arrays(
+        dataset.images[pos], dataset.labels[pos], class_names=dataset.class_names,
+        preprocessing=dataset.preprocessing, name=f"{dataset.dataset_id}[{label}]",
+    )  # fmt: skip
 
 
 def _evaluation_images(dataset: Any, mask: np.ndarray, n: int) -> Any:
@@ -398,31 +762,48 @@ def summary_table(
 ) -> str:
     """The printed summary: per model × problem × layers × granularity × bit range (below
     ``split_bits`` and from it on), the mean absolute error of each level's flip rate and of
-    Sakr's bound (percentage points), the level-3 band coverage and, from ``verdicts``
+    Sakr's clipped bound (percentage points; "-" where a level does not apply), the share of
+    cells where Sakr's published bound is vacuous (>= 1), the coverage of the level-3 band
+    (L3 for the last layer, L3L for all layers) and, from ``verdicts``
     (:func:`hypothesis_verdicts`), the share of H_U failures among the quantized layers
     over those bit-widths and of H_G failures among the logit margins (last layer)."""
     s = comparison.summary(split_bits=split_bits)
     if s.empty:
         return "(no cells)"
-    cols = [c for c in s.columns if c.endswith("flip_abs_error")]
-    keys = ["model", "problem", "layers", "granularity", *(["bits"] if "bits" in s else [])]
-    show = s[[*keys, "cells", *cols]].copy()
+    cols = [c for c in s.columns if c.endswith("_flip_rate_abs_error")]
+    show = s[["model", "problem", "layers", "granularity"]].copy()
+    show["bits"] = [
+        f"{a}" if a == b else f"{a}-{b}" for a, b in zip(s["bits_min"], s["bits_max"], strict=True)
+    ]
+    show["cells"] = s["cells"]
+
+    def pct(v: float, digits: int = 2) -> str:
+        return "-" if pd.isna(v) else f"{100 * v:.{digits}f}"
+
     for c in cols:
-        show[c] = 100 * show[c]
-    show = show.rename(columns={c: c.replace("_flip_abs_error", " |err| pp") for c in cols})
-    if "L3_flip_in_band" in s:
-        show["L3 in band"] = s["L3_flip_in_band"].map(
-            lambda v: f"{100 * v:.0f} %" if pd.notna(v) else "-"
-        )
+        show[c.replace("_flip_rate_abs_error", " |err| pp")] = [pct(v) for v in s[c]]
+    show["band"] = [pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["band_coverage"]]
+    if "sakr_vacuous_share" in s:
+        show["sakr vacuous"] = [
+            pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["sakr_vacuous_share"]
+        ]
+    rows = list(s.itertuples())
     if verdicts is not None and len(verdicts):
-        show["H_U fails"] = [_hu_share(verdicts, r) for r in s.itertuples()]
-        show["H_G margins fail"] = [_hg_share(verdicts, r) for r in s.itertuples()]
+        show["H_U fails"] = [_hu_share(verdicts, r) for r in rows]
+        show["H_G margins fail"] = [_hg_share(verdicts, r) for r in rows]
     lines = []
     if accuracies:
         lines.append(
             "float accuracy: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in accuracies.items())
         )
-    lines.append(show.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    lines.append(show.to_string(index=False))
+    lines.append(
+        "L1/L2/L3: last layer (Gaussian features + error model / + actual error; empirical "
+        "features + error model); L2L/L3L: all layers, first order (actual error / error "
+        "model); band: measured flip rate inside the 95 % band of L3 (last) or L3L (all); "
+        "sakr: bound clipped at 1 per image, 'sakr vacuous' the cells where the published "
+        "bound is >= 1."
+    )
     if verdicts is not None and len(verdicts):
         lines.append(
             "H_U fails: share of (quantized layer x bit-width) whose error fails the uniform "
@@ -431,16 +812,10 @@ def summary_table(
     return "\n".join(lines)
 
 
-def _bit_range(label: Any) -> tuple[int, int]:
-    """``"2-3"`` -> (2, 3); ``"4"`` -> (4, 4) (the ``bits`` labels of ``summary``)."""
-    lo, _, hi = str(label).partition("-")
-    return int(lo), int(hi or lo)
-
-
 def _hu_share(verdicts: pd.DataFrame, row: Any) -> str:
     if "H_U_fails" not in verdicts:
         return "-"
-    lo, hi = _bit_range(getattr(row, "bits", "1-16"))
+    lo, hi = int(row.bits_min), int(row.bits_max)
     v = verdicts[
         (verdicts["model"] == row.model) & (verdicts["layers"] == row.layers)
         & (verdicts["granularity"] == row.granularity) & verdicts["bits"].between(lo, hi)
