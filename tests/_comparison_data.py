@@ -12,6 +12,13 @@ import pandas as pd
 
 __all__ = ["synthetic_simulation_table", "synthetic_table"]
 
+#: Level prefixes of the last-layer rows and of the all-layer rows (``layers`` = "all").
+LAST_PREFIXES = ("L1", "L2", "L3")
+ALL_LAYER_PREFIXES = ("L2L", "L3L")
+ALL_PREFIXES = LAST_PREFIXES + ALL_LAYER_PREFIXES
+BAND = ("L3", "L3L")  # prefixes with a band of one realization
+BIAS = {"L1": 1.4, "L2": 1.2, "L3": 1.05, "L2L": 1.2, "L3L": 1.05}
+
 
 def synthetic_table(
     *,
@@ -23,8 +30,9 @@ def synthetic_table(
 ) -> pd.DataFrame:
     """One row per model x problem x layer set x granularity x bit-width.
 
-    Problems: ``10-class`` and ``cat-vs-dog`` for the last layer, ``10-class`` for all
-    layers (whose level-1 columns are NaN, as in the real table). Some measured flip
+    Problems: ``10-class`` and ``cat-vs-dog`` for the last layer (columns ``L1_*``,
+    ``L2_*``, ``L3_*``), ``10-class`` for all layers (columns ``L2L_*``, ``L3L_*``); the
+    other set's columns are NaN, as in the real table. Some measured flip
     rates are exactly 0 (no flip among ``n_eval`` images), as happens at 8 bits.
     """
     from scipy import stats
@@ -52,32 +60,51 @@ def synthetic_table(
                         "model": model, "problem": problem, "layers": layers, "n_classes": k,
                         "bits": b, "scheme": "symmetric", "granularity": g, "clipping": "max",
                         "rounding": "nearest", "n_eval": n_eval,
-                        "measured_flip": mf, "measured_flip_lo": lo, "measured_flip_hi": hi,
-                        "measured_loss": ml, "measured_loss_lo": ml - half,
-                        "measured_loss_hi": ml + half,
+                        "accuracy_float": 0.92, "measured_accuracy": 0.92 - ml,
+                        "measured_flip_rate": mf, "measured_flip_rate_low": lo,
+                        "measured_flip_rate_high": hi,
+                        "measured_flip_rate_stderr": np.sqrt(mf * (1 - mf) / n_eval),
+                        "measured_accuracy_loss": ml, "measured_accuracy_loss_low": ml - half,
+                        "measured_accuracy_loss_high": ml + half,
                     }  # fmt: skip
-                    for lv, bias in ((1, 1.4), (2, 1.2), (3, 1.05)):
-                        if layers == "all" and lv == 1:
-                            row[f"L{lv}_flip"] = np.nan
-                            row[f"L{lv}_loss"] = np.nan
-                            continue
-                        row[f"L{lv}_flip"] = flip * bias * np.exp(rng.normal(0, 0.1))
-                        row[f"L{lv}_loss"] = loss * bias * np.exp(rng.normal(0, 0.1))
+                    # last layer: levels L1-L3; all layers: L2L, L3L (the linearized model);
+                    # the other set's columns are NaN, as in the real table
+                    for prefix in ALL_PREFIXES:
+                        for q in ("flip_rate", "accuracy_loss"):
+                            for suffix in ("", "_stderr", "_abs_error"):
+                                row[f"{prefix}_{q}{suffix}"] = np.nan
+                        for q in ("flip_rate", "accuracy_loss") if prefix in BAND else ():
+                            for suffix in ("_low", "_high", "_in_band"):
+                                row[f"{prefix}_{q}{suffix}"] = np.nan
+                    prefixes = LAST_PREFIXES if layers == "last" else ALL_LAYER_PREFIXES
+                    for prefix in prefixes:
+                        bias = BIAS[prefix]
+                        f_ = flip * bias * np.exp(rng.normal(0, 0.1))
+                        l_ = loss * bias * np.exp(rng.normal(0, 0.1))
+                        row[f"{prefix}_flip_rate"], row[f"{prefix}_accuracy_loss"] = f_, l_
+                        row[f"{prefix}_flip_rate_stderr"] = 0.01 * f_
+                        row[f"{prefix}_accuracy_loss_stderr"] = 0.01 * abs(l_)
+                        row[f"{prefix}_flip_rate_abs_error"] = abs(f_ - mf)
+                        row[f"{prefix}_accuracy_loss_abs_error"] = abs(l_ - ml)
+                    band = prefixes[-1]  # L3 or L3L
                     sd = np.sqrt(flip * (1 - flip) / n_eval) * 2.0
-                    row["L3_flip_lo"] = max(0.0, row["L3_flip"] - 2 * sd)
-                    row["L3_flip_hi"] = row["L3_flip"] + 2 * sd
-                    row["L3_loss_lo"] = row["L3_loss"] - 2 * sd
-                    row["L3_loss_hi"] = row["L3_loss"] + 2 * sd
-                    row["L3_flip_in_band"] = bool(row["L3_flip_lo"] <= mf <= row["L3_flip_hi"])
-                    row["L3_loss_in_band"] = bool(row["L3_loss_lo"] <= ml <= row["L3_loss_hi"])
-                    row["sakr_flip_bound"] = 8.0 * flip**2 * 2.0**b
+                    f3, l3 = row[f"{band}_flip_rate"], row[f"{band}_accuracy_loss"]
+                    row[f"{band}_flip_rate_low"] = max(0.0, f3 - 2 * sd)
+                    row[f"{band}_flip_rate_high"] = f3 + 2 * sd
+                    row[f"{band}_accuracy_loss_low"] = l3 - 2 * sd
+                    row[f"{band}_accuracy_loss_high"] = l3 + 2 * sd
+                    row[f"{band}_flip_rate_in_band"] = bool(f3 - 2 * sd <= mf <= f3 + 2 * sd)
+                    row[f"{band}_accuracy_loss_in_band"] = bool(l3 - 2 * sd <= ml <= l3 + 2 * sd)
+                    raw = 8.0 * flip**2 * 2.0**b
+                    row["sakr_flip_rate_bound_raw"] = raw
+                    row["sakr_flip_rate_bound"] = min(raw, 1.0)
+                    row["sakr_vacuous"] = bool(raw >= 1.0)
+                    row["sakr_flip_rate_abs_error"] = abs(min(raw, 1.0) - mf)
                     row["hawq_v2"] = 3.0 * loss
-                    for lv in (1, 2, 3):
-                        row[f"L{lv}_flip_abs_error"] = abs(row[f"L{lv}_flip"] - mf)
-                        row[f"L{lv}_loss_abs_error"] = abs(row[f"L{lv}_loss"] - ml)
-                    row["sakr_flip_abs_error"] = abs(min(row["sakr_flip_bound"], 1.0) - mf)
                     rows.append(row)
-    return pd.DataFrame(rows)
+    t = pd.DataFrame(rows)
+    t["bits"] = t["bits"].astype(int)
+    return t
 
 
 def synthetic_simulation_table(*, seed: int = 0) -> pd.DataFrame:

@@ -63,13 +63,13 @@ def test_flip_vs_bits_draws_each_level_and_the_measurement(table):
     for lv in (1, 2, 3):
         line = _line(ax, f"level {lv}:")
         np.testing.assert_array_equal(line.get_xdata(), t["bits"])
-        np.testing.assert_allclose(line.get_ydata(), t[f"L{lv}_flip"])
+        np.testing.assert_allclose(line.get_ydata(), t[f"L{lv}_flip_rate"])
     sakr = _line(ax, "Sakr")
-    np.testing.assert_allclose(sakr.get_ydata(), np.minimum(t["sakr_flip_bound"], 1.0))
+    np.testing.assert_allclose(sakr.get_ydata(), t["sakr_flip_rate_bound"])
     # the measured points with a positive rate are the errorbar's data line
     measured = _errorbar_line(ax, "measured (95")
-    pos = t["measured_flip"] > 0
-    np.testing.assert_allclose(measured.get_ydata(), t.loc[pos, "measured_flip"])
+    pos = t["measured_flip_rate"] > 0
+    np.testing.assert_allclose(measured.get_ydata(), t.loc[pos, "measured_flip_rate"])
     # the synthetic table has no flip at 8 bits: a triangle on the bottom edge
     zero = _line(ax, "measured: no flip")
     np.testing.assert_array_equal(zero.get_xdata(), t.loc[~pos, "bits"])
@@ -86,6 +86,16 @@ def test_flip_vs_bits_all_layers_labels_and_missing_level(table):
     assert not any(lab.startswith("level 1") for lab in labels)  # NaN for all layers
     assert P.ALL_LAYER_LABELS[2] in labels and P.ALL_LAYER_LABELS[3] in labels
     assert P.LEVEL_LABELS[3] not in labels
+    # the all-layer rows' levels 2 and 3 are the L2L / L3L columns, and L3L has the band
+    t = _cell(table, layers="all")
+    np.testing.assert_allclose(_line(ax, P.ALL_LAYER_LABELS[2]).get_ydata(), t["L2L_flip_rate"])
+    np.testing.assert_allclose(_line(ax, P.ALL_LAYER_LABELS[3]).get_ydata(), t["L3L_flip_rate"])
+    assert any(c.get_label().startswith("level 3: 95") for c in ax.collections)
+
+
+def test_level_prefix():
+    assert [P.level_prefix(lv) for lv in (1, 2, 3)] == ["L1", "L2", "L3"]
+    assert [P.level_prefix(lv, "all") for lv in (1, 2, 3)] == ["L1", "L2L", "L3L"]
 
 
 def test_flip_vs_bits_uses_given_axes_and_options(table):
@@ -111,8 +121,10 @@ def test_loss_vs_bits_in_percentage_points(table):
     assert isinstance(ax, Axes)
     assert ax.get_yscale() == "symlog"
     t = _cell(table)
-    np.testing.assert_allclose(_line(ax, "level 3:").get_ydata(), 100 * t["L3_loss"])
-    np.testing.assert_allclose(_errorbar_line(ax, "measured").get_ydata(), 100 * t["measured_loss"])
+    np.testing.assert_allclose(_line(ax, "level 3:").get_ydata(), 100 * t["L3_accuracy_loss"])
+    np.testing.assert_allclose(
+        _errorbar_line(ax, "measured").get_ydata(), 100 * t["measured_accuracy_loss"]
+    )
 
 
 def test_predicted_vs_measured_flip_scatter_on_log_axes(table):
@@ -122,10 +134,11 @@ def test_predicted_vs_measured_flip_scatter_on_log_axes(table):
     ident = _line(ax, "identity")
     x, y = ident.get_xdata(), ident.get_ydata()
     np.testing.assert_allclose(x, y)
-    # one point per (level, cell) with positive measured and predicted rates
-    expected = sum(
-        int(((table[f"L{lv}_flip"] > 0) & (table["measured_flip"] > 0)).sum()) for lv in (1, 2, 3)
-    )
+    # one point per (level, cell) with positive measured and predicted rates: levels 1-3 of
+    # the last-layer rows, levels 2-3 (L2L, L3L) of the all-layer rows
+    pred = ["L1", "L2", "L3", "L2L", "L3L"]
+    measured = table["measured_flip_rate"] > 0
+    expected = sum(int(((table[f"{c}_flip_rate"] > 0) & measured).sum()) for c in pred)
     from matplotlib.collections import PathCollection
 
     n_points = sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
@@ -140,7 +153,7 @@ def test_predicted_vs_measured_loss_and_layer_filter(table):
     from matplotlib.collections import PathCollection
 
     last = table[table["layers"] == "last"]
-    expected = sum(int(last[f"L{lv}_loss"].notna().sum()) for lv in (1, 2, 3))
+    expected = sum(int(last[f"L{lv}_accuracy_loss"].notna().sum()) for lv in (1, 2, 3))
     n_points = sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
     assert n_points == expected
 
@@ -148,7 +161,7 @@ def test_predicted_vs_measured_loss_and_layer_filter(table):
 def test_abs_error_vs_bits_is_the_mean_over_cells(table):
     ax = P.plot_abs_error_vs_bits(table, layers="last")
     last = table[table["layers"] == "last"]
-    expected = 100 * last.groupby("bits")["L1_flip_abs_error"].mean()
+    expected = 100 * last.groupby("bits")["L1_flip_rate_abs_error"].mean()
     line = _line(ax, "level 1:")
     np.testing.assert_allclose(line.get_ydata(), expected.loc[line.get_xdata()])
     assert ax.get_yscale() == "log"
@@ -204,7 +217,7 @@ def test_other_bad_input(table, tmp_path):
     with pytest.raises(ValueError, match="several rows per bit-width"):
         P.plot_flip_vs_bits(pd.concat([table, table.assign(scheme="asymmetric")]), **CELL)
     with pytest.raises(ValueError, match="lacks the column"):
-        P.plot_flip_vs_bits(table.drop(columns="measured_flip"), **CELL)
+        P.plot_flip_vs_bits(table.drop(columns="measured_flip_rate"), **CELL)
     with pytest.raises(ValueError, match="quantity must be"):
         P.plot_predicted_vs_measured(table, quantity="accuracy")
     with pytest.raises(ValueError, match="layers="):
@@ -223,3 +236,101 @@ def test_import_is_lazy():
         "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- what a reader sees
+def _drawn(fig):
+    """Draw ``fig`` with Agg (the layout engine runs) and return its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _inside(inner, outer, tol: float = 0.5) -> bool:
+    return (inner.x0 >= outer.x0 - tol and inner.y0 >= outer.y0 - tol
+            and inner.x1 <= outer.x1 + tol and inner.y1 <= outer.y1 + tol)  # fmt: skip
+
+
+def test_abs_error_vs_bits_y_labels_are_inside_the_figure(table):
+    """Both panels of abs_error_vs_bits.png (4 x 3 in each): no y-label is cut at the edge
+    (the accuracy-loss label, on one line, was longer than the panel is high)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 3.0), layout="constrained")
+    a1, a2 = fig.subplots(1, 2)
+    P.plot_abs_error_vs_bits(table, a1, quantity="flip")
+    P.plot_abs_error_vs_bits(table, a2, quantity="loss", legend=False)
+    renderer = _drawn(fig)
+    for ax in (a1, a2):
+        label = ax.yaxis.label.get_window_extent(renderer)
+        assert _inside(label, fig.bbox), (ax.get_ylabel(), label, fig.bbox)
+
+
+def test_abs_error_vs_bits_all_layers_are_the_linearized_levels(table):
+    ax = P.plot_abs_error_vs_bits(table, layers="all")
+    labels = {str(ln.get_label()) for ln in ax.get_lines()}
+    assert {P.ALL_LAYER_LABELS[2], P.ALL_LAYER_LABELS[3]} <= labels
+    assert not any(lab.startswith("level 1") for lab in labels)
+    a = table[table["layers"] == "all"]
+    expected = 100 * a.groupby("bits")["L3L_flip_rate_abs_error"].mean()
+    line = _line(ax, P.ALL_LAYER_LABELS[3])
+    np.testing.assert_allclose(line.get_ydata(), expected.loc[line.get_xdata()])
+
+
+def test_predicted_vs_measured_legend_hides_no_point(table):
+    """The legend of plot_predicted_vs_measured lies in the figure and covers no point."""
+    from matplotlib.collections import PathCollection
+
+    for quantity in ("flip", "loss"):
+        ax = P.plot_predicted_vs_measured(table, quantity=quantity)
+        fig = ax.figure
+        renderer = _drawn(fig)
+        box = ax.get_legend().get_window_extent(renderer)
+        assert _inside(box, fig.bbox), quantity
+        pts = np.concatenate([c.get_offset_transform().transform(c.get_offsets())
+                              for c in ax.collections if isinstance(c, PathCollection)
+                              and len(c.get_offsets())])  # fmt: skip
+        covered = ((pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1)
+                   & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1))  # fmt: skip
+        assert not covered.any(), f"{quantity}: the legend covers {covered.sum()} points"
+        plt.close(fig)
+
+
+def _uniform_report_table() -> pd.DataFrame:
+    rows = []
+    for layer, shift in (("conv1", 0.0), ("layer1.0.conv1", 0.1), ("fc", 0.3)):
+        for b, r in zip((2, 4, 8), (1.3 + shift, 1.1 + shift, 1.0 + shift / 10), strict=True):
+            v = "holds" if abs(r - 1) <= 0.05 else "marginal" if abs(r - 1) <= 0.2 else "fails"
+            rows.append({"layer": layer, "quantizer": "per_tensor", "bits": b, "verdict": v,
+                         "second_moment_ratio": r})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_uniform_verdict_heatmap_has_a_colour_key():
+    from distortion.plotting.hypotheses import plot_uniform_verdicts
+
+    ax = plot_uniform_verdicts(_uniform_report_table())
+    others = [a for a in ax.figure.axes if a is not ax]
+    assert len(others) == 1, "no colour bar beside the heatmap"
+    _drawn(ax.figure)
+    keys = [t.get_text() for t in others[0].get_yticklabels()]
+    assert keys == ["holds", "marginal", "fails"]
+
+
+def test_gaussian_effects_legend_names_the_threshold_boxes():
+    from distortion.plotting.hypotheses import plot_gaussian_effects
+    from distortion.stats import GaussianThresholds
+
+    rng = np.random.default_rng(0)
+    g = pd.DataFrame({"kind": ["feature"] * 50 + ["margin"] * 20,
+                      "skewness": rng.normal(0.3, 0.3, 70),
+                      "excess_kurtosis": rng.normal(0.5, 1.0, 70)})  # fmt: skip
+    ax = plot_gaussian_effects(g)
+    th = GaussianThresholds()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    holds = [lab for lab in labels if lab.startswith("holds")]
+    fails = [lab for lab in labels if lab.startswith("fails")]
+    assert len(holds) == 1 and f"{th.skewness[0]:g}" in holds[0], labels
+    assert len(fails) == 1 and f"{th.excess_kurtosis[1]:g}" in fails[0], labels

@@ -11,9 +11,16 @@ What the figures show, per cell (model × problem × layer set × quantizer × b
 * the predictions of levels 1--3 (ARCHITECTURE.md): level 1 under H_G and H_U, level 2 under
   H_G with the actual error, level 3 on the empirical features under H_U, with the band that
   one realization of the uniform error falls in with 95 % probability (eq. M16). When every
-  layer is quantized, level 3 is the first-order model under H_U (eq. L4) and level 2 the
-  same linearization with the actual error; level 1 does not apply;
+  layer is quantized, level 3 is the first-order model under H_U (eq. L4, columns ``L3L_*``)
+  and level 2 the same linearization with the actual error (``L2L_*``); level 1 does not
+  apply;
 * the baseline bound of Sakr et al. [1]_ on the flip rate (Chebyshev + union bound).
+
+Column names (``Comparison.table``): ``<prefix>_flip_rate``, ``<prefix>_accuracy_loss``, their
+``_low``/``_high`` band or interval, ``_stderr`` and ``_abs_error``, with the prefix ``L1``,
+``L2``, ``L3`` for the last-layer rows, ``L2L``, ``L3L`` for the all-layer rows
+(:func:`level_prefix`) and ``measured`` for the measurement; ``sakr_flip_rate_bound`` (clipped
+at 1) and ``sakr_flip_rate_abs_error`` for the baseline.
 
 References
 ----------
@@ -39,6 +46,7 @@ __all__ = [
     "LEVEL_LABELS",
     "legend_entries",
     "level_label",
+    "level_prefix",
     "plot_abs_error_vs_bits",
     "plot_flip_vs_bits",
     "plot_loss_vs_bits",
@@ -76,14 +84,37 @@ _LEVEL_STYLE: dict[int, dict[str, Any]] = {
 _MEASURED_STYLE = {"color": "k", "marker": "D", "linestyle": "none", "markersize": 4}
 _SAKR_STYLE = {"color": "0.45", "linestyle": ":", "marker": "x", "markersize": 4}
 _KEYS = ("model", "problem", "layers", "granularity")
-_REQUIRED = ("bits", "measured_flip", "measured_loss")
+_REQUIRED = ("bits", "measured_flip_rate", "measured_accuracy_loss")
+#: ``quantity`` argument -> column suffix ("flip" and "loss" are short aliases).
+_QUANTITY = {"flip": "flip_rate", "loss": "accuracy_loss", "flip_rate": "flip_rate",
+             "accuracy_loss": "accuracy_loss"}  # fmt: skip
+
+
+def level_prefix(level: int, layers: str | None = "last") -> str:
+    """Column prefix of a prediction level in the comparison table.
+
+    ``L1``, ``L2``, ``L3`` for the last layer; when every layer is quantized (``layers ==
+    "all"``) levels 2 and 3 are the linearized model, ``L2L`` and ``L3L`` (level 1 does not
+    apply: its ``L1`` columns are NaN in those rows).
+    """
+    if layers == "all" and level in (2, 3):
+        return f"L{level}L"
+    return f"L{level}"
+
+
+def _quantity(quantity: str) -> str:
+    if quantity not in _QUANTITY:
+        raise ValueError(
+            f"quantity must be 'flip' or 'loss' ('flip_rate', 'accuracy_loss'), got {quantity!r}"
+        )
+    return _QUANTITY[quantity]
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float] = (4.0, 3.0)) -> Axes:
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
+    if ax is None:  # constrained: labels and a legend outside the axes stay in the figure
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
 
 
@@ -105,8 +136,10 @@ def _as_table(table: Any) -> pd.DataFrame:
         )
     missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
+        old = {"measured_flip", "measured_loss"} & set(table.columns)
+        hint = " (an older comparison.csv: rerun `distortion run`)" if old else ""
         raise ValueError(
-            f"table lacks the column(s) {missing}: pass Comparison.table or comparison.csv"
+            f"table lacks the column(s) {missing}: pass Comparison.table or comparison.csv{hint}"
         )
     return table
 
@@ -161,6 +194,20 @@ def _col(t: pd.DataFrame, name: str) -> np.ndarray:
     if name not in t.columns:
         return np.full(len(t), np.nan)
     return t[name].to_numpy(dtype=np.float64)
+
+
+def _row_layers(t: pd.DataFrame) -> np.ndarray:
+    """The layer set of each row ("last" when the table has no ``layers`` column)."""
+    return t["layers"].astype(str).to_numpy() if "layers" in t else np.full(len(t), "last")
+
+
+def _level_col(t: pd.DataFrame, level: int, suffix: str) -> np.ndarray:
+    """Per row, ``<prefix>_<suffix>`` with the level's prefix for that row's layer set."""
+    lay = _row_layers(t)
+    out = _col(t, f"{level_prefix(level, 'last')}_{suffix}")
+    if (lay == "all").any():
+        out = np.where(lay == "all", _col(t, f"{level_prefix(level, 'all')}_{suffix}"), out)
+    return out
 
 
 def _plain_formatter() -> Any:
@@ -228,25 +275,26 @@ def plot_flip_vs_bits(
     ax = _axes(ax)
     bits = t["bits"].to_numpy()
     positive: list[np.ndarray] = []
-    if band and {"L3_flip_lo", "L3_flip_hi"} <= set(t.columns) and 3 in levels:
-        lo, hi = _col(t, "L3_flip_lo"), _col(t, "L3_flip_hi")
+    if band and 3 in levels:
+        lo, hi = _level_col(t, 3, "flip_rate_low"), _level_col(t, 3, "flip_rate_high")
         if np.any(np.isfinite(hi)):
             ax.fill_between(bits, lo, hi, color=_LEVEL_STYLE[3]["color"], alpha=0.18, lw=0,
                             label="level 3: 95 % band, one realization")  # fmt: skip
             positive.append(hi)  # not lo: a band reaching 0 would stretch the axis down
     for lv in levels:
-        y = _col(t, f"L{lv}_flip")
+        y = _level_col(t, lv, "flip_rate")
         if np.all(~np.isfinite(y)):
             continue
         ax.plot(bits, y, label=level_label(lv, _layers_of(t)), markersize=4,
                 **_LEVEL_STYLE.get(lv, {}))  # fmt: skip
         positive.append(y)
-    if sakr and "sakr_flip_bound" in t.columns:
-        s = np.minimum(_col(t, "sakr_flip_bound"), 1.0)
+    if sakr and "sakr_flip_rate_bound" in t.columns:
+        s = np.minimum(_col(t, "sakr_flip_rate_bound"), 1.0)
         if np.any(np.isfinite(s)):
             ax.plot(bits, s, label="Sakr et al. bound", **_SAKR_STYLE)
             positive.append(s)
-    m, mlo, mhi = _col(t, "measured_flip"), _col(t, "measured_flip_lo"), _col(t, "measured_flip_hi")
+    m = _col(t, "measured_flip_rate")
+    mlo, mhi = _col(t, "measured_flip_rate_low"), _col(t, "measured_flip_rate_high")
     positive += [m, mhi]
     allv = np.concatenate(positive)
     allv = allv[np.isfinite(allv) & (allv > 0)]
@@ -315,18 +363,20 @@ def plot_loss_vs_bits(
     ax = _axes(ax)
     bits = t["bits"].to_numpy()
     pp = 100.0
-    if band and 3 in levels and {"L3_loss_lo", "L3_loss_hi"} <= set(t.columns):
-        lo, hi = _col(t, "L3_loss_lo"), _col(t, "L3_loss_hi")
+    if band and 3 in levels:
+        lo, hi = _level_col(t, 3, "accuracy_loss_low"), _level_col(t, 3, "accuracy_loss_high")
         if np.any(np.isfinite(hi)):
             ax.fill_between(bits, pp * lo, pp * hi, color=_LEVEL_STYLE[3]["color"], alpha=0.18,
                             lw=0, label="level 3: 95 % band, one realization")  # fmt: skip
     for lv in levels:
-        y = _col(t, f"L{lv}_loss")
+        y = _level_col(t, lv, "accuracy_loss")
         if np.all(~np.isfinite(y)):
             continue
         ax.plot(bits, pp * y, label=level_label(lv, _layers_of(t)), markersize=4,
                 **_LEVEL_STYLE.get(lv, {}))  # fmt: skip
-    m, mlo, mhi = _col(t, "measured_loss"), _col(t, "measured_loss_lo"), _col(t, "measured_loss_hi")
+    m = _col(t, "measured_accuracy_loss")
+    mlo = _col(t, "measured_accuracy_loss_low")
+    mhi = _col(t, "measured_accuracy_loss_high")
     yerr = np.vstack([np.where(np.isfinite(mlo), m - mlo, 0.0),
                       np.where(np.isfinite(mhi), mhi - m, 0.0)])  # fmt: skip
     ax.errorbar(bits, pp * m, yerr=pp * yerr, capsize=2, elinewidth=0.8,
@@ -349,7 +399,7 @@ def plot_predicted_vs_measured(
     table: Any,
     ax: Axes | None = None,
     *,
-    quantity: Literal["flip", "loss"] = "flip",
+    quantity: Literal["flip", "loss", "flip_rate", "accuracy_loss"] = "flip",
     levels: Sequence[int] = (1, 2, 3),
     layers: str | None = None,
     errorbars: bool | None = None,
@@ -363,9 +413,9 @@ def plot_predicted_vs_measured(
         Every row is one point per level (all models, problems, quantizers, bits).
     ax : matplotlib Axes, optional
     quantity : {"flip", "loss"}, default "flip"
-        Flip rate on log--log axes (cells with a measured flip rate of 0 are left out: they
-        have no place on a log axis), or accuracy loss in percentage points on
-        symmetric-log axes (a measured loss can be negative).
+        (Or ``"flip_rate"``, ``"accuracy_loss"``.) Flip rate on log--log axes (cells with a
+        measured flip rate of 0 are left out: they have no place on a log axis), or accuracy
+        loss in percentage points on symmetric-log axes (a measured loss can be negative).
     levels : sequence of int, default (1, 2, 3)
     layers : {"last", "all"}, optional
         Only these rows (default: all; the marker tells them apart: circles for the last
@@ -374,27 +424,29 @@ def plot_predicted_vs_measured(
         Horizontal bars: the measurement's 95 % interval (default: for the flip rate only;
         the interval of an accuracy difference is wide and would hide the points).
     legend : bool, default True
+        Outside the axes, on the right (inside, it would hide points: they fill the
+        diagonal, and with several problems the corners too).
 
     Returns
     -------
     matplotlib Axes
         Dotted lines mark a factor of 2 either side of the identity.
     """
-    if quantity not in ("flip", "loss"):
-        raise ValueError(f"quantity must be 'flip' or 'loss', got {quantity!r}")
+    col = _quantity(quantity)
+    quantity = "flip" if col == "flip_rate" else "loss"
     t = _only_layers(_as_table(table), layers)
     if errorbars is None:
         errorbars = quantity == "flip"
     ax = _axes(ax, (3.6, 3.4))
     scale = 1.0 if quantity == "flip" else 100.0
-    meas = scale * _col(t, f"measured_{quantity}")
-    lo = scale * _col(t, f"measured_{quantity}_lo")
-    hi = scale * _col(t, f"measured_{quantity}_hi")
-    lay = t["layers"].astype(str).to_numpy() if "layers" in t else np.full(len(t), "last")
+    meas = scale * _col(t, f"measured_{col}")
+    lo = scale * _col(t, f"measured_{col}_low")
+    hi = scale * _col(t, f"measured_{col}_high")
+    lay = _row_layers(t)
     vals = [meas]
     drawn = False
     for lv in levels:
-        pred = scale * _col(t, f"L{lv}_{quantity}")
+        pred = scale * _level_col(t, lv, col)
         for lname, marker in (("last", "o"), ("all", "s")):
             keep = np.isfinite(pred) & np.isfinite(meas) & (lay == lname)
             if quantity == "flip":
@@ -446,7 +498,8 @@ def plot_predicted_vs_measured(
     ax.set_ylim(lo_lim, hi_lim)
     ax.set_box_aspect(1)
     if legend and drawn:
-        ax.legend(fontsize="x-small", frameon=False, loc="lower right")
+        ax.legend(*legend_entries([ax]), fontsize="x-small", frameon=False, loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # fmt: skip
     return ax
 
 
@@ -454,7 +507,7 @@ def plot_abs_error_vs_bits(
     table: Any,
     ax: Axes | None = None,
     *,
-    quantity: Literal["flip", "loss"] = "flip",
+    quantity: Literal["flip", "loss", "flip_rate", "accuracy_loss"] = "flip",
     levels: Sequence[int] = (1, 2, 3),
     layers: str | None = None,
     sakr: bool = True,
@@ -462,14 +515,17 @@ def plot_abs_error_vs_bits(
 ) -> Axes:
     r"""Mean absolute error of each level's prediction against bit-width.
 
-    The mean runs over every cell of that bit-width (models, problems, granularities).
+    The mean runs over every cell of that bit-width (models, problems, granularities). For
+    the all-layer rows, levels 2 and 3 are their linearized model (``L2L``, ``L3L``); with
+    ``layers=None`` and both layer sets in the table, each set gets its own lines.
 
     Parameters
     ----------
     table : Comparison, DataFrame or path
     ax : matplotlib Axes, optional
     quantity : {"flip", "loss"}, default "flip"
-        Error of the flip rate or of the accuracy loss, in percentage points.
+        Error of the flip rate or of the accuracy loss, in percentage points (also
+        ``"flip_rate"``, ``"accuracy_loss"``).
     levels : sequence of int, default (1, 2, 3)
     layers : {"last", "all"}, optional
         Only these rows (default: all rows).
@@ -482,19 +538,27 @@ def plot_abs_error_vs_bits(
     matplotlib Axes
         Logarithmic y axis (percentage points).
     """
-    if quantity not in ("flip", "loss"):
-        raise ValueError(f"quantity must be 'flip' or 'loss', got {quantity!r}")
+    q = _quantity(quantity)
     t = _as_table(table)
     t = _only_layers(t, layers)
     ax = _axes(ax)
-    cols = [(f"L{lv}_{quantity}_abs_error", level_label(lv, _layers_of(t)),
-             _LEVEL_STYLE.get(lv, {})) for lv in levels]  # fmt: skip
-    if sakr and quantity == "flip":
-        cols.append(("sakr_flip_abs_error", "Sakr et al. bound", _SAKR_STYLE))
-    for col, label, style in cols:
+    sets = list(dict.fromkeys(_row_layers(t)))
+    cols = []
+    for lv in levels:
+        for lname in sets:
+            style = _LEVEL_STYLE.get(lv, {})
+            if lname == "all" and len(sets) > 1:  # both sets on one axes: all layers hollow
+                style = {**style, "markerfacecolor": "none"}
+            cols.append((lname, f"{level_prefix(lv, lname)}_{q}_abs_error",
+                         level_label(lv, lname), style))  # fmt: skip
+    if sakr and q == "flip_rate":
+        cols.append((None, "sakr_flip_rate_abs_error", "Sakr et al. bound", _SAKR_STYLE))
+    lay = _row_layers(t)
+    for lname, col, label, style in cols:
         if col not in t.columns:
             continue
-        mean = t.groupby("bits")[col].mean().dropna()
+        rows = t if lname is None else t[lay == lname]
+        mean = rows.groupby("bits")[col].mean().dropna()
         mean = mean[mean > 0]
         if mean.empty:
             continue
@@ -502,8 +566,9 @@ def plot_abs_error_vs_bits(
     ax.set_yscale("log")
     ax.set_xticks(np.unique(t["bits"]))
     ax.set_xlabel("bits")
-    name = "flip rate" if quantity == "flip" else "accuracy loss"
-    ax.set_ylabel(f"mean |error| of the {name} (pp)")
+    name = "flip rate" if q == "flip_rate" else "accuracy loss"
+    # two lines: one would be longer than a short panel is high, and be cut at its ends
+    ax.set_ylabel(f"mean |error| of the\n{name} (pp)")
     if legend:
         ax.legend(fontsize="x-small", frameon=False)
     return ax
@@ -584,17 +649,22 @@ def save_comparison_figures(
             path = out / f"{name}_{_slug(*key)}.png"
             fig.savefig(path, dpi=dpi)
             paths.append(path)
-    fig = Figure(figsize=(2 * w * 0.9, h * 1.1), layout="constrained")
+    fig = Figure(figsize=(2 * w * 0.9 + 2.2, h * 1.1), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
-    plot_predicted_vs_measured(t, a1, quantity="flip")
+    plot_predicted_vs_measured(t, a1, quantity="flip", legend=False)
     plot_predicted_vs_measured(t, a2, quantity="loss", legend=False)
+    # one legend for both panels, outside them: inside, it would hide points
+    fig.legend(*legend_entries([a1, a2]), loc="outside right upper", fontsize="x-small",
+               frameon=False)  # fmt: skip
     path = out / "predicted_vs_measured.png"
     fig.savefig(path, dpi=dpi)
     paths.append(path)
-    fig = Figure(figsize=(2 * w, h), layout="constrained")
+    fig = Figure(figsize=(2 * w + 2.2, h), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
-    plot_abs_error_vs_bits(t, a1, quantity="flip")
+    plot_abs_error_vs_bits(t, a1, quantity="flip", legend=False)
     plot_abs_error_vs_bits(t, a2, quantity="loss", legend=False)
+    fig.legend(*legend_entries([a1, a2]), loc="outside right upper", fontsize="x-small",
+               frameon=False)  # fmt: skip
     path = out / "abs_error_vs_bits.png"
     fig.savefig(path, dpi=dpi)
     paths.append(path)

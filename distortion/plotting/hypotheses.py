@@ -102,7 +102,11 @@ def plot_error_histogram(w: Any, quantized: Any, *, ax: Axes | None = None, bins
 
 
 def plot_uniform_verdicts(
-    uniform: pd.DataFrame, *, quantizer: str | None = None, ax: Axes | None = None
+    uniform: pd.DataFrame,
+    *,
+    quantizer: str | None = None,
+    ax: Axes | None = None,
+    colorbar: bool = True,
 ) -> Axes:
     """Heatmap of the uniform-error verdict per layer (rows) and bit-width (columns).
 
@@ -114,6 +118,8 @@ def plot_uniform_verdicts(
     quantizer : str, optional
         Which quantizer's rows (default: the first).
     ax : matplotlib Axes, optional
+    colorbar : bool, default True
+        The colour key of the verdicts (holds, marginal, fails), right of the heatmap.
 
     Returns
     -------
@@ -138,7 +144,7 @@ def plot_uniform_verdicts(
         ratio[i, j] = r["second_moment_ratio"]
     ax = _axes(ax, (1 + 0.5 * len(bits), 1 + 0.22 * len(layers)))
     cmap = ListedColormap([_VERDICT_COLORS[v] for v in code])
-    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto")
+    im = ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto")
     fs = 6 if len(layers) > 20 else 7
     for i in range(len(layers)):
         for j in range(len(bits)):
@@ -148,6 +154,12 @@ def plot_uniform_verdicts(
     ax.set_yticks(range(len(layers)), layers, fontsize=fs)
     ax.set_xlabel("bits")
     ax.set_title(f"H_U verdict ({quantizer}); cell: E[e²]/(Δ²/12)", fontsize=8)
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, ticks=list(code.values()), fraction=0.08, pad=0.03,
+                                aspect=max(5, 3 * len(layers)))  # fmt: skip
+        cb.ax.set_yticklabels(list(code), fontsize=7)
+        cb.ax.tick_params(length=0)
+        cb.set_label("verdict", fontsize=7)
     return ax
 
 
@@ -168,6 +180,9 @@ def plot_gaussian_effects(
     Returns
     -------
     matplotlib Axes
+        The legend names the two boxes: inside the inner one both effects are small enough
+        for the verdict "holds"; outside the outer one, "fails" (between: "marginal"; the
+        Wasserstein distance and the p-value gate also enter the verdict).
     """
     from matplotlib.patches import Rectangle
 
@@ -178,11 +193,14 @@ def plot_gaussian_effects(
     for i, (kind, g) in enumerate(gaussian.groupby("kind", sort=True)):
         ax.scatter(g["skewness"], g["excess_kurtosis"], s=6, alpha=0.6, color=f"C{i}",
                    label=f"{kind} ({len(g)})")  # fmt: skip
-    for (s, k), color in (
-        ((th.skewness[0], th.excess_kurtosis[0]), _VERDICT_COLORS["holds"]),
-        ((th.skewness[1], th.excess_kurtosis[1]), _VERDICT_COLORS["fails"]),
-    ):
-        ax.add_patch(Rectangle((-s, -k), 2 * s, 2 * k, fill=False, ec=color, lw=1))
+    for (s, k), color, label in (
+        ((th.skewness[0], th.excess_kurtosis[0]), _VERDICT_COLORS["holds"],
+         "holds inside: |skew| ≤ {:g}, |kurt| ≤ {:g}"),
+        ((th.skewness[1], th.excess_kurtosis[1]), _VERDICT_COLORS["fails"],
+         "fails outside: |skew| > {:g} or |kurt| > {:g}"),
+    ):  # fmt: skip
+        ax.add_patch(Rectangle((-s, -k), 2 * s, 2 * k, fill=False, ec=color, lw=1,
+                               label=label.format(s, k)))  # fmt: skip
     ax.axhline(0, color="0.6", lw=0.5)
     ax.axvline(0, color="0.6", lw=0.5)
     ax.set_xlabel("skewness")

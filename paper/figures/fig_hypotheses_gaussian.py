@@ -1,6 +1,8 @@
 """H_G on the network's features: skewness against excess kurtosis of every penultimate
-feature and every logit margin per class (one panel per model, with the verdict boxes), and
-the Wasserstein distance to the normal of the standardized variables."""
+feature and every logit margin per class (one panel per model, with the verdict boxes: inside
+the green one both effects are small enough for "holds", outside the red one the variable
+"fails"), and the Wasserstein distance to the normal of the standardized variables (dashed:
+its "holds" and "fails" thresholds). The legend below the panels names the boxes and lines."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def make(results: Path, out: Path) -> list[Path]:
     for ax, (model, rep) in zip(axes[0], reports.items(), strict=False):
         plot_gaussian_effects(rep.gaussian, ax=ax)
         ax.set_title(_style.pretty_model(model))
-        ax.legend(loc="upper left")
+        ax.get_legend().remove()  # one legend for the figure, below the panels
     th = GaussianThresholds()
     ax = axes[0, n]
     kinds = sorted({k for r in reports.values() for k in r.gaussian["kind"].unique()})
@@ -37,13 +39,21 @@ def make(results: Path, out: Path) -> list[Path]:
         for box in bp["boxes"]:
             box.set(facecolor=f"C{j}", linewidth=0.6)
         ax.plot([], [], "s", color=f"C{j}", label=kind)
-    for v, c in zip(th.wasserstein, ("#4daf4a", "#e41a1c"), strict=True):
-        ax.axhline(v, color=c, lw=0.7, ls="--")
+    for v, c, what in zip(th.wasserstein, ("#4daf4a", "#e41a1c"), ("holds", "fails"),
+                          strict=True):  # fmt: skip
+        ax.axhline(v, color=c, lw=0.7, ls="--", label=f"$W_1$ {what} threshold ({v:g})")
     ax.set_xticks(range(n), [_style.pretty_model(m) for m in reports])
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(0, None)
-    ax.set_ylabel("Wasserstein distance $W_1$")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    ax.set_ylabel("$W_1$ to $N(0, 1)$")
+    # one legend: the kinds (same colours in every panel) and the W_1 thresholds of this
+    # panel, then the verdict boxes of the scatter panels
+    handles, labels = ax.get_legend_handles_labels()
+    for h, lab in zip(*axes[0, 0].get_legend_handles_labels(), strict=True):
+        if lab.startswith(("holds", "fails")):
+            handles.append(h)
+            labels.append(f"$G_1$, $G_2$: {lab}")
+    fig.legend(handles, labels, loc="outside lower center", ncol=3)
     return [_style.save(fig, out, "hypotheses_gaussian")]
 
 

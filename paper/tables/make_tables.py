@@ -10,11 +10,15 @@ and the two-class simulation table; writes into ``<out>/tables/``:
   problem and granularity, last layer / all layers;
 - ``hypotheses_gaussian.tex``, ``hypotheses_uniform.tex``: verdicts of the H_G and H_U tests;
 - ``simulation.tex``: agreement of the two-class closed forms with the Monte Carlo;
-- ``numbers.tex``: ``\\res{key}`` values quoted in the text (``\\res`` is defined in main.tex).
+- ``numbers.tex``: ``\\res{key}`` values quoted in the text (``\\res`` is defined in main.tex);
+- ``incomplete.tex``: empty when the results folder is complete, else a box naming the
+  missing inputs and the commands that produce them (``figures/_inputs.py``), printed at the
+  top of the PDF.
 
 Each table is a bare ``tabular``: captions and floats are in ``main.tex``. An input that is
-missing (e.g. no hypothesis tests in a small run) gives a table saying so, so that the paper
-still builds. Usage: ``python paper/tables/make_tables.py [--results DIR] [--out DIR]``.
+missing (e.g. no hypothesis tests in a small run) gives a table saying so, and is listed in
+``incomplete.tex``; ``make -C paper`` refuses such a folder unless ``ALLOW_INCOMPLETE=1``.
+Usage: ``python paper/tables/make_tables.py [--results DIR] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ __all__ = ["make"]
 
 PP = 100.0  # fractions -> percent / percentage points
 SPLIT_BITS = 4  # summaries report bit-widths below this and from it on separately
+NA = "--"  # a value that does not apply or is missing: an en dash in every table
+
+
+def level_prefix(level: int, layers: str) -> str:
+    """Column prefix of a level: L1-L3 for the last layer, L2L / L3L for all layers."""
+    return f"L{level}L" if layers == "all" and level in (2, 3) else f"L{level}"
+
+
+def _value(row: Any, col: str) -> float:
+    """``row[col]`` as a float; NaN when the column is absent or not a number."""
+    try:
+        return float(row[col]) if col in row else math.nan
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # --------------------------------------------------------------------------- formatting
@@ -46,14 +64,28 @@ def tex_escape(text: Any) -> str:
     return s
 
 
+def text(value: Any) -> str:
+    """A label for a table cell: a missing value (None, NaN) as :data:`NA`, never "nan"."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return NA
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return NA
+    except (TypeError, ValueError):
+        pass
+    return tex_escape(value)
+
+
 def fmt(value: Any, digits: int = 2) -> str:
-    """A number with ``digits`` significant-looking decimals; NaN as an en dash."""
+    """A number with ``digits`` significant-looking decimals; NaN or None as :data:`NA`."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return tex_escape(value)
+        return text(value)
     if not math.isfinite(v):
-        return "--"
+        return NA
     if v == 0:
         return "0"
     tiny = 0.5 * 10.0 ** (-digits)
@@ -113,8 +145,6 @@ def summary_table(t: Any, split_bits: int = SPLIT_BITS) -> str:
     first-order models are meant for the upper one."""
     from distortion.experiments.compare import Comparison
 
-    cols = ["L1_flip_abs_error", "L2_flip_abs_error", "L3_flip_abs_error", "sakr_flip_abs_error",
-            "L3_loss_abs_error"]  # fmt: skip
     agg = Comparison(t).summary(split_bits=split_bits)
     rows, prev = [], None
     rules = []
@@ -122,18 +152,29 @@ def summary_table(t: Any, split_bits: int = SPLIT_BITS) -> str:
         if prev is not None and r["model"] != prev:
             rules.append(i - 1)
         prev = r["model"]
-        band = r.get("L3_flip_in_band", math.nan)
+        lay = str(r["layers"])
+        # the level-1 column does not apply to all layers (L1_* is NaN there): NA like the rest
+        flip = [f"{level_prefix(lv, lay)}_flip_rate_abs_error" for lv in (1, 2, 3)]
+        loss = f"{level_prefix(3, lay)}_accuracy_loss_abs_error"
+        cols = [*flip, "sakr_flip_rate_abs_error", loss]
+        # the band of the layer set's level 3 (L3 or L3L)
+        band = _value(r, "band_coverage")
+        if "bits_min" in r:
+            lo, hi = int(r["bits_min"]), int(r["bits_max"])
+            bits = f"{lo}" if lo == hi else f"{lo}--{hi}"
+        else:
+            bits = str(r["bits"]).replace("-", "--")
         rows.append([
-            pretty_model(r["model"]), tex_escape(r["problem"]), tex_escape(r["layers"]),
-            tex_escape(r["granularity"]), str(r["bits"]).replace("-", "--"), str(int(r["cells"])),
-            *[fmt(PP * r[c]) if c in r else "--" for c in cols],
-            f"{PP * band:.0f}" if math.isfinite(band) else "--",
+            pretty_model(r["model"]), text(r["problem"]), text(r["layers"]),
+            text(r["granularity"]), bits, str(int(r["cells"])),
+            *[fmt(PP * _value(r, c)) for c in cols],
+            f"{PP * band:.0f}" if math.isfinite(band) else NA,
         ])  # fmt: skip
     header = [
         ["", "", "", "", "", "", r"\multicolumn{4}{c}{mean $|$error$|$ of the flip rate (pp)}",
          r"loss (pp)", r"in band"],
-        ["model", "problem", "layers", "step", "bits", "cells", "L1", "L2", "L3", "Sakr", "L3",
-         r"(\%)"],
+        ["model", "problem", "layers", "step", "bits", "cells", "L1", "L2/L2L", "L3/L3L", "Sakr",
+         "L3/L3L", r"(\%)"],
     ]  # fmt: skip
     return tabular(header, rows, "lllllrrrrrrr", rules_after=rules, header_rules=["(lr){7-10}"])
 
@@ -161,22 +202,29 @@ def cells_table(t: Any, layers: str) -> tuple[str, str]:
         f"{pretty_model(first['model'])}, {tex_escape(first['problem'])}, {where}, "
         f"per-{tex_escape(first['granularity'])} steps"
     )
-    levels = [lv for lv in (1, 2, 3) if f"L{lv}_flip" in s and s[f"L{lv}_flip"].notna().any()]
+    pre = {lv: level_prefix(lv, layers) for lv in (1, 2, 3)}
+    levels = [lv for lv in (1, 2, 3) if s.get(f"{pre[lv]}_flip_rate") is not None
+              and s[f"{pre[lv]}_flip_rate"].notna().any()]  # fmt: skip
     rows = []
     for _, r in s.iterrows():
-        lo, hi = fmt(PP * r["measured_flip_lo"]), fmt(PP * r["measured_flip_hi"])
-        meas = f"{fmt(PP * r['measured_flip'])} [{lo}, {hi}]"
+        lo = fmt(PP * _value(r, "measured_flip_rate_low"))
+        hi = fmt(PP * _value(r, "measured_flip_rate_high"))
+        meas = f"{fmt(PP * _value(r, 'measured_flip_rate'))} [{lo}, {hi}]"
         row = [str(int(r["bits"])), meas]
         for lv in levels:
-            cell = fmt(PP * r[f"L{lv}_flip"])
-            if lv == 3 and "L3_flip_lo" in r:
-                cell += rf" [{fmt(PP * r['L3_flip_lo'])}, {fmt(PP * r['L3_flip_hi'])}]"
+            p = pre[lv]
+            cell = fmt(PP * _value(r, f"{p}_flip_rate"))
+            if lv == 3 and f"{p}_flip_rate_low" in r:
+                band_lo, band_hi = _value(r, f"{p}_flip_rate_low"), _value(r, f"{p}_flip_rate_high")
+                cell += rf" [{fmt(PP * band_lo)}, {fmt(PP * band_hi)}]"
             row.append(cell)
-        sakr = r.get("sakr_flip_bound", float("nan"))
-        row.append(r"$>$100" if sakr > 1 else fmt(PP * sakr))
+        raw = _value(r, "sakr_flip_rate_bound_raw")
+        if not math.isfinite(raw):
+            raw = _value(r, "sakr_flip_rate_bound")
+        row.append(r"$>$100" if raw > 1 else fmt(PP * raw))
         rows.append(row)
     header = ["bits", r"measured [95\% CI]",
-              *[f"L{lv}" + (r" [band]" if lv == 3 else "") for lv in levels], "Sakr"]  # fmt: skip
+              *[pre[lv] + (r" [band]" if lv == 3 else "") for lv in levels], "Sakr"]  # fmt: skip
     return tabular(header, rows, "r" + "r" * (len(header) - 1)), desc
 
 
@@ -187,7 +235,7 @@ def hypotheses_gaussian_table(reports: dict[str, Any]) -> str:
         s = rep.gaussian_summary()
         for _, r in s.iterrows():
             rows.append([
-                pretty_model(model), tex_escape(r["kind"]), str(int(r["n_variables"])),
+                pretty_model(model), text(r["kind"]), str(int(r["n_variables"])),
                 str(int(r["holds"])), str(int(r["marginal"])), str(int(r["fails"])),
                 fmt(r["median_abs_skewness"]), fmt(r["median_abs_excess_kurtosis"]),
                 fmt(r["median_wasserstein"], 3),
@@ -222,8 +270,8 @@ def hypotheses_uniform_table(reports: dict[str, Any]) -> str:
     for b, r in frame.iterrows():
         row = [str(int(b))]
         for m, q in pairs:
-            row.append(tex_escape(r.get((m, q, "last layer"), "--")))
-            row.append(tex_escape(r.get((m, q, "layers h/m/f"), "--")))
+            row.append(text(r.get((m, q, "last layer"))))
+            row.append(text(r.get((m, q, "layers h/m/f"))))
         rows.append(row)
     return tabular([head1, head2], rows, "r" + "lc" * len(pairs), header_rules=rules)
 
@@ -277,27 +325,35 @@ def numbers(t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: An
             if s.empty:
                 continue
             out[f"cells:{layers}"] = str(len(s))
+            # the keys say L1-L3 for both layer sets; the all-layer columns are L2L, L3L
             for lv in (1, 2, 3):
-                c = f"L{lv}_flip_abs_error"
+                c = f"{level_prefix(lv, layers)}_flip_rate_abs_error"
                 if c in s and s[c].notna().any():
                     out[f"err:L{lv}:{layers}"] = fmt(PP * s[c].mean())
                     out[f"maxerr:L{lv}:{layers}"] = fmt(PP * s[c].max())
-            if "sakr_flip_abs_error" in s:
-                out[f"err:sakr:{layers}"] = fmt(PP * s["sakr_flip_abs_error"].mean())
-            if "sakr_flip_bound" in s:
-                out[f"sakr:vacuous:{layers}"] = f"{PP * (s['sakr_flip_bound'] > 1).mean():.0f}"
-            if "L3_flip_in_band" in s and s["L3_flip_in_band"].notna().any():
-                out[f"inband:{layers}"] = f"{PP * s['L3_flip_in_band'].astype(float).mean():.0f}"
+            if "sakr_flip_rate_abs_error" in s:
+                out[f"err:sakr:{layers}"] = fmt(PP * s["sakr_flip_rate_abs_error"].mean())
+            if "sakr_vacuous" in s:
+                vac = s["sakr_vacuous"].astype(str).str.lower().isin(["true", "1", "1.0"])
+                out[f"sakr:vacuous:{layers}"] = f"{PP * vac.mean():.0f}"
+            elif "sakr_flip_rate_bound_raw" in s:
+                vac = s["sakr_flip_rate_bound_raw"] >= 1
+                out[f"sakr:vacuous:{layers}"] = f"{PP * vac.mean():.0f}"
+            l3 = level_prefix(3, layers)
+            band_col = f"{l3}_flip_rate_in_band"
+            if band_col in s and s[band_col].notna().any():
+                out[f"inband:{layers}"] = f"{PP * s[band_col].astype(float).mean():.0f}"
             # the same below SPLIT_BITS ("low") and from it on ("high")
             for part, sel in (("low", s["bits"] < SPLIT_BITS), ("high", s["bits"] >= SPLIT_BITS)):
                 r = s[sel]
                 if r.empty:
                     continue
                 out[f"cells:{layers}:{part}"] = str(len(r))
-                if r["L3_flip_abs_error"].notna().any():
-                    out[f"err:L3:{layers}:{part}"] = fmt(PP * r["L3_flip_abs_error"].mean())
-                if "L3_flip_in_band" in r and r["L3_flip_in_band"].notna().any():
-                    band = r["L3_flip_in_band"].astype(float).mean()
+                err_col = f"{l3}_flip_rate_abs_error"
+                if err_col in r and r[err_col].notna().any():
+                    out[f"err:L3:{layers}:{part}"] = fmt(PP * r[err_col].mean())
+                if band_col in r and r[band_col].notna().any():
+                    band = r[band_col].astype(float).mean()
                     out[f"inband:{layers}:{part}"] = f"{PP * band:.0f}"
     for i, (model, rep) in enumerate(reports.items()):
         s = rep.gaussian_summary().set_index("kind")
@@ -328,6 +384,19 @@ def numbers(t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: An
 
 
 # --------------------------------------------------------------------------- driver
+def incomplete_note(missing: Sequence[Any]) -> str:
+    """A framed note for the first page listing the missing inputs (empty when none)."""
+    if not missing:
+        return "% the results folder is complete\n"
+    items = "\n".join(rf"\item {tex_escape(str(m))}" for m in missing)
+    return (
+        "\\begin{center}\\fbox{\\parbox{0.95\\linewidth}{\\small\\textbf{Incomplete results:} "
+        "the figures, tables and numbers (\\textbf{??}) that need these inputs are missing or "
+        "partial.\n"
+        f"\\begin{{itemize}}\n{items}\n\\end{{itemize}}}}}}\\end{{center}}\n"
+    )
+
+
 def _reports(results: Path) -> dict[str, Any]:
     sys.path.insert(0, str(_paths.PAPER / "figures"))
     import _style
@@ -367,6 +436,10 @@ def make(results: Path, out: Path) -> list[Path]:
     paths.append(_write(out, "simulation", simulation_table(sim) if sim is not None
                         else placeholder("simulation table", sim_csv)))  # fmt: skip
     paths.append(_write(out, "numbers", numbers(t, run, reports, sim)))
+    sys.path.insert(0, str(_paths.PAPER / "figures"))
+    import _inputs
+
+    paths.append(_write(out, "incomplete", incomplete_note(_inputs.missing_inputs(results))))
     return paths
 
 
