@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,11 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from distortion.experiments.measure import measure_last_layer
+from distortion.compression import error_second_moment, realization_seed
 from distortion.quantize import UniformQuantizer
+from distortion.results import Prediction, resolution_tolerance
 
 __all__ = [
+    "COLUMN_DICTIONARY",
     "Comparison",
+    "ComparisonCell",
     "compare_all_layers",
     "compare_last_layer",
     "first_order_actual_flips",
@@ -66,6 +69,139 @@ KEY_COLUMNS = (
     "rounding",
 )  # fmt: skip
 
+#: The predictions of a last-layer cell and of an all-layer cell, by column prefix.
+LAST_LAYER_LEVELS = {
+    "L1": "level 1: Gaussian features (H_G), the error model (H_U for rounding)",
+    "L2": "level 2: Gaussian features (H_G), the actual error Q(W) - W",
+    "L3": "level 3: the empirical features, the error model (H_U for rounding)",
+}
+ALL_LAYER_LEVELS = {
+    "L2L": "level 2L: the network linearized in its weights, moved by the actual error",
+    "L3L": "level 3L: the same first-order model with the error model (H_U for rounding)",
+}
+#: The prediction whose band the summary's coverage column reports, per layer set.
+BAND_LEVEL = {"last": "L3", "all": "L3L"}
+
+_QUANTITIES = {
+    "flip_rate": "expected flip rate (fraction of changed decisions)",
+    "flip_rate_stderr": "standard error of the computation of flip_rate (0 when exact)",
+    "flip_rate_low": "lower end of the 95 % band of the flip rate of one realization",
+    "flip_rate_high": "upper end of that band",
+    "accuracy_loss": "expected accuracy loss (float accuracy minus compressed accuracy)",
+    "accuracy_loss_stderr": "standard error of the computation of accuracy_loss",
+    "accuracy_loss_low": "lower end of the 95 % band of the accuracy loss of one realization",
+    "accuracy_loss_high": "upper end of that band",
+    "flip_rate_abs_error": "|predicted - measured| flip rate",
+    "accuracy_loss_abs_error": "|predicted - measured| accuracy loss",
+    "flip_rate_in_band": "measured flip rate inside the band (to the resolution 1/n_eval)",
+    "accuracy_loss_in_band": "measured accuracy loss inside the band (resolution 1/n_eval)",
+}
+
+#: What every column of a comparison table means (written to the results folder).
+COLUMN_DICTIONARY: dict[str, str] = {
+    "model": "network name",
+    "problem": "classification problem (10-class, or a sub-problem such as cat-vs-dog)",
+    "layers": "'last' (last layer quantized) or 'all' (every quantizable layer)",
+    "n_classes": "number of classes of the problem",
+    "bits": "bit-width (integer) of every quantized layer",
+    "scheme": "quantizer scheme (symmetric / asymmetric)",
+    "granularity": "one step per tensor or per output channel",
+    "clipping": "clipping rule of the quantizer (max / mse)",
+    "rounding": "rounding of the quantizer (nearest / stochastic / dither)",
+    "n_fit": "images the Gaussian model was fitted on (0 where none is fitted)",
+    "n_eval": "images everything else is evaluated on",
+    "step_mean": "mean quantization step over layers (and channels)",
+    "error_second_moment_mean": "mean of the error model's E[e^2] over layers (and channels)",
+    "measured_flip_rate": "measured flip rate (level 4), mean over realizations",
+    "measured_flip_rate_stderr": "its standard error",
+    "measured_flip_rate_low": "lower end of its 95 % confidence interval",
+    "measured_flip_rate_high": "upper end of that interval",
+    "measured_accuracy_loss": "measured accuracy loss (level 4)",
+    "measured_accuracy_loss_stderr": "its standard error",
+    "measured_accuracy_loss_low": "lower end of its 95 % confidence interval",
+    "measured_accuracy_loss_high": "upper end of that interval",
+    "accuracy_float": "accuracy of the float network on the evaluation images",
+    "measured_accuracy": "accuracy of the quantized network on the evaluation images",
+    "sakr_flip_rate_bound": "Sakr et al.'s flip-rate bound, clipped at 1 per image",
+    "sakr_flip_rate_bound_raw": "Sakr et al.'s bound as published (may exceed 1)",
+    "sakr_vacuous": "whether the published bound is >= 1 (says nothing)",
+    "sakr_flip_rate_abs_error": "|clipped Sakr bound - measured flip rate|",
+    "hawq_v2": "HAWQ-V2 sensitivity (sum over layers of Tr(H)/n * ||Q(W) - W||^2)",
+    "hawq_v2_stderr": "its standard error (Hutchinson draws; 0 when the trace is exact)",
+    **{
+        f"{p}_{q}": f"{desc}: {qd}"
+        for levels in (LAST_LAYER_LEVELS, ALL_LAYER_LEVELS)
+        for p, desc in levels.items()
+        for q, qd in _QUANTITIES.items()
+    },
+}
+
+
+@dataclass(frozen=True)
+class ComparisonCell:
+    """One cell: the predictions of each level and the measurement of one configuration.
+
+    Attributes
+    ----------
+    key : dict
+        The key columns (:data:`KEY_COLUMNS`) and the cell's sizes.
+    measurement : Measurement
+    predictions : dict of str to Prediction
+        By column prefix (``"L1"``, ``"L2"``, ``"L3"`` or ``"L2L"``, ``"L3L"``).
+    sakr : SakrBound or None
+    hawq : HawqSensitivity or None
+    """
+
+    key: dict[str, Any]
+    measurement: Any
+    predictions: dict[str, Prediction]
+    sakr: Any = None
+    hawq: Any = None
+
+    def row(self) -> dict[str, Any]:
+        """The cell as one table row (columns of :data:`COLUMN_DICTIONARY`)."""
+        m = self.measurement
+        n = int(self.key["n_eval"])
+        tol = resolution_tolerance(n)
+        fi, li = m.flip_rate_interval, m.accuracy_loss_interval
+        row = dict(self.key)
+        row.update(
+            measured_flip_rate=m.flip_rate, measured_flip_rate_stderr=m.flip_rate_stderr,
+            measured_flip_rate_low=fi.low, measured_flip_rate_high=fi.high,
+            measured_accuracy_loss=m.accuracy_loss,
+            measured_accuracy_loss_stderr=m.accuracy_loss_stderr,
+            measured_accuracy_loss_low=li.low, measured_accuracy_loss_high=li.high,
+            accuracy_float=m.accuracy_float, measured_accuracy=m.accuracy,
+        )  # fmt: skip
+        levels = LAST_LAYER_LEVELS if self.key["layers"] == "last" else ALL_LAYER_LEVELS
+        for prefix in levels:
+            p = self.predictions.get(prefix)
+            if p is None:
+                row.update({f"{prefix}_{q}": np.nan for q in _QUANTITIES})
+                continue
+            row.update(p.as_dict(prefix=f"{prefix}_"))
+            row[f"{prefix}_flip_rate_abs_error"] = abs(p.flip_rate - m.flip_rate)
+            row[f"{prefix}_accuracy_loss_abs_error"] = abs(p.accuracy_loss - m.accuracy_loss)
+            fb, lb = p.flip_rate_band, p.accuracy_loss_band
+            row[f"{prefix}_flip_rate_in_band"] = (
+                fb.contains(m.flip_rate, tol=tol) if np.isfinite(fb.low) else np.nan
+            )
+            row[f"{prefix}_accuracy_loss_in_band"] = (
+                lb.contains(m.accuracy_loss, tol=tol) if np.isfinite(lb.low) else np.nan
+            )
+        if self.sakr is not None:
+            bound = float(self.sakr.bound_clipped)
+            row.update(
+                sakr_flip_rate_bound=bound, sakr_flip_rate_bound_raw=float(self.sakr.bound),
+                sakr_vacuous=bool(self.sakr.bound >= 1.0),
+                sakr_flip_rate_abs_error=abs(bound - m.flip_rate),
+            )  # fmt: skip
+        if self.hawq is not None:
+            row["hawq_v2"] = float(self.hawq.total())
+            stderr = getattr(self.hawq, "total_stderr", None)
+            row["hawq_v2_stderr"] = float(stderr()) if callable(stderr) else np.nan
+        return row
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -74,14 +210,26 @@ class Comparison:
     Attributes
     ----------
     table : DataFrame
-        One row per cell: the key columns (:data:`KEY_COLUMNS`), then for each level
-        ``L{1,2,3}_flip``, ``L{1,2,3}_loss`` and ``L3_flip_lo/hi``, ``L3_loss_lo/hi`` (band
-        for one realization), the measurement ``measured_flip``, ``measured_flip_lo/hi``,
-        ``measured_loss``, ``measured_loss_lo/hi``, the baselines, and per level the absolute
-        errors ``L*_flip_abs_error``, ``L*_loss_abs_error`` and ``L3_flip_in_band``.
+        One row per cell (:meth:`ComparisonCell.row`): the key columns
+        (:data:`KEY_COLUMNS`), the measurement (``measured_*``), per prediction level
+        ``<prefix>_<quantity>`` with the prefixes of :data:`LAST_LAYER_LEVELS` (last-layer
+        rows) or :data:`ALL_LAYER_LEVELS` (all-layer rows) — a prefix means one thing
+        everywhere — and the baselines; :data:`COLUMN_DICTIONARY` says what each is.
+    cells : tuple of ComparisonCell
+        The objects the table was built from (empty after :meth:`load`).
     """
 
     table: pd.DataFrame
+    cells: tuple[ComparisonCell, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_cells(cls, cells: Sequence[ComparisonCell]) -> Comparison:
+        """The table of these cells, one row each."""
+        cells = tuple(cells)
+        table = pd.DataFrame([c.row() for c in cells])
+        if len(table):
+            table["bits"] = table["bits"].astype(int)
+        return cls(table, cells)
 
     def to_frame(self) -> pd.DataFrame:
         """A copy of the table."""
@@ -90,41 +238,51 @@ class Comparison:
     def summary(self, split_bits: int | None = None) -> pd.DataFrame:
         """Aggregates per model × problem × layer set × granularity (× bit range).
 
-        Mean absolute error of the flip rate and loss of each level, the fraction of cells
-        whose measured flip rate is inside the level-3 band, and the number of cells.
+        Mean absolute error of the flip rate and accuracy loss of each level and of Sakr's
+        (clipped) bound, the share of cells where that bound is vacuous, the fraction of
+        cells whose measured flip rate lies inside the band of the layer set's level-3
+        prediction (``band_coverage``: L3 for the last layer, L3L for all layers), and the
+        number of cells. The bit range is given by the integer columns ``bits_min`` and
+        ``bits_max``.
 
         Parameters
         ----------
         split_bits : int, optional
-            Also split the cells into bit-widths below ``split_bits`` and from it on (column
-            ``bits``, e.g. ``"2-3"`` and ``"4-8"``): first-order models are meant for the
-            upper range, and one range must not hide the other.
+            Also split the cells into bit-widths below ``split_bits`` and from it on:
+            first-order models are meant for the upper range, and one range must not hide
+            the other.
         """
         t = self.table
+        if not len(t):
+            return pd.DataFrame()
         groups = ["model", "problem", "layers", "granularity"]
-        if split_bits is not None and len(t):
-            t = t.assign(bit_range=np.where(t["bits"] < split_bits, 0, 1))
-            groups.append("bit_range")
+        t = t.assign(
+            bit_range=0 if split_bits is None else np.where(t["bits"] < split_bits, 0, 1),
+            band_coverage=[
+                row.get(f"{BAND_LEVEL.get(row['layers'], 'L3')}_flip_rate_in_band", np.nan)
+                for row in t.to_dict("records")
+            ],
+        )
+        t["band_coverage"] = t["band_coverage"].astype(float)
         err_cols = [c for c in t.columns if c.endswith("_abs_error")]
-        agg = {c: "mean" for c in err_cols}
-        if "L3_flip_in_band" in t:
-            agg["L3_flip_in_band"] = "mean"
-        agg["cells"] = ("bits", "count")
-        named = {k: (k, v) if isinstance(v, str) else v for k, v in agg.items()}
-        if split_bits is not None and len(t):
-            named["bits_min"], named["bits_max"] = ("bits", "min"), ("bits", "max")
-        out = t.groupby(groups, sort=False).agg(**named).reset_index()
-        if "bits_min" in out:
-            lo, hi = out.pop("bits_min").astype(int), out.pop("bits_max").astype(int)
-            out["bits"] = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(lo, hi, strict=True)]
-            out = out.drop(columns="bit_range")
-        return out
+        named: dict[str, Any] = {c: (c, "mean") for c in err_cols}
+        named["band_coverage"] = ("band_coverage", "mean")
+        if "sakr_vacuous" in t:
+            t["sakr_vacuous"] = t["sakr_vacuous"].astype(float)
+            named["sakr_vacuous_share"] = ("sakr_vacuous", "mean")
+        named["cells"] = ("bits", "count")
+        named["bits_min"], named["bits_max"] = ("bits", "min"), ("bits", "max")
+        out = t.groupby([*groups, "bit_range"], sort=False).agg(**named).reset_index()
+        out["bits_min"] = out["bits_min"].astype(int)
+        out["bits_max"] = out["bits_max"].astype(int)
+        return out.drop(columns="bit_range")
 
     @classmethod
     def concat(cls, parts: Sequence[Comparison]) -> Comparison:
         """One comparison from several (rows stacked)."""
         frames = [p.table for p in parts if len(p.table)]
-        return cls(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+        cells = tuple(c for p in parts for c in p.cells)
+        return cls(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), cells)
 
     def save(self, directory: str | Path, *, name: str = "comparison") -> dict[str, Path]:
         """Write ``<name>.csv``, ``<name>_summary.csv`` and ``<name>.json`` (records)."""
@@ -148,7 +306,13 @@ class Comparison:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"no comparison table at {p}: run `distortion run` first")
-        return cls(pd.read_csv(p))
+        t = pd.read_csv(p)
+        if "measured_flip" in t and "measured_flip_rate" not in t:
+            raise ValueError(
+                f"{p} was written by an older version (column 'measured_flip'); rerun "
+                "`distortion run` (the caches make it fast)"
+            )
+        return cls(t)
 
 
 def _rows_of(feature_set: Any, classes: Sequence[str] | None) -> np.ndarray:
@@ -159,6 +323,30 @@ def _rows_of(feature_set: Any, classes: Sequence[str] | None) -> np.ndarray:
     if missing:
         raise ValueError(f"unknown class(es) {missing}; the model's classes are {names}")
     return np.array([names.index(c) for c in classes])
+
+
+def _cached_measurement(cache_dir: Any, key: dict[str, Any], compute) -> Any:
+    """A measurement from the cache under its content key, else computed and stored."""
+    if cache_dir is None:
+        return compute()
+    from distortion.experiments import _cache
+
+    return _cache.cached_json(
+        cache_dir, "measurements", _cache.content_key(key), compute,
+        encode=_encode_measurement, decode=_decode_measurement,
+    )  # fmt: skip
+
+
+def _encode_measurement(m: Any) -> dict[str, Any]:
+    from distortion.experiments.measure import measurement_to_dict
+
+    return measurement_to_dict(m)
+
+
+def _decode_measurement(d: dict[str, Any]) -> Any:
+    from distortion.experiments.measure import measurement_from_dict
+
+    return measurement_from_dict(d)
 
 
 def compare_last_layer(
@@ -173,6 +361,7 @@ def compare_last_layer(
     n_realizations: int = 400,
     seed: int = 0,
     levels: Sequence[int] = (1, 2, 3),
+    error_rule: str = "uniform",
 ) -> Comparison:
     r"""Compare the levels of prediction with the measurement for the last layer alone.
 
@@ -194,13 +383,20 @@ def compare_last_layer(
     n_realizations : int
         Simulated error realizations behind the level-3 band.
     seed : int
+        The run's seed: the realization of the actual error (the measurement's first one,
+        so level 2 and the baselines see the error that was measured), the Monte Carlo and
+        the simulated realizations are all derived from it.
     levels : sequence of int
         Which of the levels 1, 2, 3 to compute (the measurement is always made).
+    error_rule : {"uniform", "empirical"}
+        The second moment levels 1 and 3 use: the quantizer's error model, or the actual
+        mean square (:func:`distortion.compression.error_second_moment`).
 
     Returns
     -------
     Comparison
     """
+    from distortion.experiments.measure import measure_last_layer
     from distortion.theory.gaussian import GaussianModel
     from distortion.theory.multiclass import (
         multiclass_distortion,
@@ -220,17 +416,21 @@ def compare_last_layer(
     # Orthant probabilities are exact but cost seconds per cell for K = 10; the seeded logit
     # Monte Carlo (200 000 draws, standard error ~ 3e-4 on a 2 % flip rate) is 20x faster.
     method = "orthant" if len(rows) == 2 else "montecarlo"
-    out = []
+    cells = []
     for i, q in enumerate(quantizers):
-        qt = q.quantize(W)
+        # the measurement's first realization (measure_last_layer draws seed + r)
+        c = q.compress(W, seed=seed)
+        qt = c.detail
         step = qt.step if qt.step.ndim == 0 else qt.step[rows]
+        m2 = error_second_moment(c, error_rule)
+        m2 = m2 if np.ndim(m2) == 0 else m2[rows]
         W_hat = np.asarray(qt.values, dtype=np.float64)[rows]
-        row: dict[str, Any] = {
+        key: dict[str, Any] = {
             "model": model_name,
             "problem": problem,
             "layers": "last",
             "n_classes": len(rows),
-            "bits": q.bits,
+            "bits": int(q.bits),
             "scheme": q.scheme,
             "granularity": q.granularity,
             "clipping": q.clipping,
@@ -238,43 +438,29 @@ def compare_last_layer(
             "n_fit": len(fit_s.labels),
             "n_eval": len(y_ev),
             "step_mean": float(np.mean(step)),
+            "error_second_moment_mean": float(np.mean(m2)),
         }
         m = measure_last_layer(
             SimpleNamespace(features=x_ev, labels=y_ev, W=W, b=b), q, rows=rows, seed=seed
         )
-        row.update(
-            measured_flip=m.flip_rate, measured_flip_lo=m.flip_ci[0], measured_flip_hi=m.flip_ci[1],
-            measured_loss=m.loss, measured_loss_lo=m.loss_ci[0], measured_loss_hi=m.loss_ci[1],
-            accuracy_float=m.accuracy_float, measured_accuracy=m.accuracy,
-        )  # fmt: skip
+        preds: dict[str, Prediction] = {}
+        cell_seed = realization_seed(seed, i)
         if 1 in levels:
-            l1 = multiclass_distortion(gm, Wk, bk, step=step, method=method, seed=seed + i)
-            row.update(L1_flip=l1.flip_rate, L1_loss=l1.accuracy_loss,
-                       L1_accuracy_float=l1.accuracy_float)  # fmt: skip
+            l1 = multiclass_distortion(gm, Wk, bk, variance=m2, method=method, seed=cell_seed)
+            preds["L1"] = l1.to_prediction()
         if 2 in levels:
-            l2 = multiclass_distortion_actual(gm, Wk, bk, W_hat, method=method, seed=seed + i)
-            row.update(L2_flip=l2.flip_rate, L2_loss=l2.accuracy_loss)
+            l2 = multiclass_distortion_actual(gm, Wk, bk, W_hat, method=method, seed=cell_seed)
+            preds["L2"] = l2.to_prediction()
         if 3 in levels:
             l3 = semiparametric_distortion(
-                x_ev, Wk, bk, step=step, labels=y_ev, n_realizations=n_realizations,
-                seed=seed + i,
+                x_ev, Wk, bk, variance=m2, labels=y_ev, n_realizations=n_realizations,
+                seed=cell_seed,
             )  # fmt: skip
-            fb, lb = l3.flip_band(), l3.accuracy_loss_band()
-            row.update(
-                L3_flip=l3.flip_rate, L3_flip_lo=fb.low, L3_flip_hi=fb.high,
-                L3_loss=l3.accuracy_loss, L3_loss_lo=lb.low, L3_loss_hi=lb.high,
-                L3_flip_in_band=bool(fb.low <= m.flip_rate <= fb.high),
-                L3_loss_in_band=bool(lb.low <= m.loss <= lb.high),
-            )  # fmt: skip
-        row["sakr_flip_bound"] = _sakr_last_layer(x_ev, Wk, bk, step)
-        row["hawq_v2"] = _hawq_last_layer(x_ev, Wk, bk, qt.error[rows])
-        for lv in (1, 2, 3):
-            if f"L{lv}_flip" in row:
-                row[f"L{lv}_flip_abs_error"] = abs(row[f"L{lv}_flip"] - m.flip_rate)
-                row[f"L{lv}_loss_abs_error"] = abs(row[f"L{lv}_loss"] - m.loss)
-        row["sakr_flip_abs_error"] = abs(min(row["sakr_flip_bound"], 1.0) - m.flip_rate)
-        out.append(row)
-    return Comparison(pd.DataFrame(out))
+            preds["L3"] = l3.to_prediction()
+        sakr = _sakr_last_layer(x_ev, Wk, bk, m2)
+        hawq = _hawq_last_layer(x_ev, Wk, bk, c.error[rows])
+        cells.append(ComparisonCell(key, m, preds, sakr, hawq))
+    return Comparison.from_cells(cells)
 
 
 def _last_layer_grams(x: np.ndarray, W: np.ndarray, b: np.ndarray):
@@ -299,14 +485,14 @@ def _last_layer_grams(x: np.ndarray, W: np.ndarray, b: np.ndarray):
     )  # fmt: skip
 
 
-def _sakr_last_layer(x: np.ndarray, W: np.ndarray, b: np.ndarray, step: Any) -> float:
-    """Sakr et al.'s flip-probability bound for the last layer alone (eq. BL4)."""
+def _sakr_last_layer(x: np.ndarray, W: np.ndarray, b: np.ndarray, variance: Any):
+    """Sakr et al.'s flip-rate bound for the last layer alone (eq. BL4), a SakrBound."""
     from distortion.theory.baselines import sakr_bound
 
-    return sakr_bound(_last_layer_grams(x, W, b), [step]).bound
+    return sakr_bound(_last_layer_grams(x, W, b), variances=[variance])
 
 
-def _hawq_last_layer(x: np.ndarray, W: np.ndarray, b: np.ndarray, error: np.ndarray) -> float:
+def _hawq_last_layer(x: np.ndarray, W: np.ndarray, b: np.ndarray, error: np.ndarray):
     r"""HAWQ-V2's sensitivity of the last layer, with its Hessian trace in closed form.
 
     The cross-entropy Hessian with respect to ``W`` is
@@ -322,7 +508,7 @@ def _hawq_last_layer(x: np.ndarray, W: np.ndarray, b: np.ndarray, error: np.ndar
     tr = float(np.mean(np.einsum("ij,ij->i", x, x) * np.sum(p * (1 - p), axis=1)))
     # two identical "draws": the trace is exact, its standard error 0
     trace = HessianTrace(("last",), np.array([W.size]), np.array([[tr], [tr]]), len(x))
-    return float(hawq_v2_sensitivity(trace, [float(np.sum(error**2))]).omega[0])
+    return hawq_v2_sensitivity(trace, [float(np.sum(error**2))])
 
 
 def _first_images(data: Any, n: int) -> Any:
@@ -390,6 +576,8 @@ def compare_all_layers(
     hessian_n: int = 500,
     seed: int = 0,
     progress: bool = True,
+    error_rule: str = "uniform",
+    hessian: str = "gauss-newton",
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -404,29 +592,40 @@ def compare_all_layers(
     model_name : str
     layers : "all" or sequence of str
     cache_dir : path, optional
-        Gradient Grams and Hessian traces are cached there.
+        Gradient Grams, Hessian traces and measurements are cached there.
     n_realizations : int
-        Error realizations cached with the Grams, for the level-3 band.
+        Error realizations cached with the Grams, for the level-3L band.
+    hessian : {"gauss-newton", "hutchinson"}
+        How HAWQ-V2's per-layer Hessian traces are obtained: exactly from the Grams already
+        computed (eq. BL7: exact for each layer's block when the network is piecewise linear
+        in that layer's weights — ReLU networks with batch norm in eval mode, as here — and
+        free), or by per-layer Hutchinson probing (any network; one double backward per draw
+        and layer, :func:`~distortion.experiments.sensitivity.hessian_trace`).
     hessian_draws : int
-        Rademacher draws of the Hutchinson trace (HAWQ-V2).
+        Rademacher draws of the Hutchinson trace.
     hessian_n : int
-        Images of the Hutchinson trace (the first ones of ``data``); each draw costs a
-        double back-propagation over them, the dominant cost of this function otherwise.
+        Images of the Hutchinson trace (the first ones of ``data``).
     seed : int
+        The run's seed: the realization of the actual error is the measurement's first one
+        (layer ``i`` drawn with ``seed + i``), so level 2L, Sakr and HAWQ see the error that
+        was measured; everything else random is derived from it too.
     progress : bool
+    error_rule : {"uniform", "empirical"}
+        The second moment level 3L uses (:func:`distortion.compression.error_second_moment`).
 
     Returns
     -------
     Comparison
-        Level 3 is the first-order model under H_U (:func:`multilayer_distortion`);
-        "level 2" here is the same linearization moved by the actual error
-        (:func:`first_order_actual_flips`), so L2 vs L3 isolates H_U and L2 vs measured the
-        linearization; level 1 (Gaussian features) does not apply to inner layers (NaN).
+        Level ``3L`` is the first-order model with the error model
+        (:func:`multilayer_distortion`); level ``2L`` is the same linearization moved by the
+        actual error (:func:`first_order_actual_flips`), so 2L vs 3L isolates the error
+        model (H_U) and 2L vs measured the linearization. Levels 1–3 (Gaussian features of
+        the last layer) do not apply to inner layers.
     """
     from distortion.experiments.measure import measure, predict_logits
     from distortion.experiments.models import get_layer
     from distortion.experiments.sensitivity import gradient_grams, hessian_trace
-    from distortion.theory.baselines import hawq_v2_sensitivity, sakr_bound
+    from distortion.theory.baselines import gauss_newton_trace, hawq_v2_sensitivity, sakr_bound
     from distortion.theory.multilayer import multilayer_distortion
 
     need_channel = any(q.granularity == "channel" for q in quantizers)
@@ -435,48 +634,61 @@ def compare_all_layers(
         n_realizations=n_realizations, seed=seed, cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
     names = list(grams.layer_names)
-    trace = hessian_trace(
-        model, _first_images(data, hessian_n), layers=names, n_draws=hessian_draws, seed=seed,
-        cache_dir=cache_dir, progress=progress,
-    )  # fmt: skip
+    if hessian == "gauss-newton":
+        trace = gauss_newton_trace(grams)
+    elif hessian == "hutchinson":
+        trace = hessian_trace(
+            model, _first_images(data, hessian_n), layers=names, n_draws=hessian_draws,
+            seed=seed, cache_dir=cache_dir, progress=progress,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"hessian must be 'gauss-newton' or 'hutchinson', got {hessian!r}")
     logits = predict_logits(model, data, progress=progress, desc="float")
     labels = np.asarray(data.labels)
     pred = logits.argmax(axis=1)
-    out = []
+    n = len(labels)
+    from distortion.experiments.sensitivity import _data_info, _model_hash
+
+    data_key = {"model": _model_hash(model), "data": _data_info(data)[2], "layers": names}
+    cells = []
     for q in quantizers:
-        qt = {n: q.quantize(get_layer(model, n).weight.detach()) for n in names}
-        steps = [qt[n].step for n in names]
-        variances = [s**2 / 12.0 for s in steps]
-        m = measure(model, data, q, layers=names, reference_logits=logits, progress=progress)
-        l3 = multilayer_distortion(grams, variances, seed=seed)
-        fb, lb = l3.flip_band(), l3.accuracy_loss_band()
-        _, z_lin = first_order_actual_flips(model, data, qt)
+        # the measurement's first realization: quantize_model(seed=seed) draws layer i with
+        # seed + i (nearest rounding ignores it)
+        comp = {
+            name: q.compress(get_layer(model, name).weight.detach(), seed=seed + i)
+            for i, name in enumerate(names)
+        }
+        m2 = [error_second_moment(comp[name], error_rule) for name in names]
+        steps = [comp[name].detail.step for name in names]
+        m = _cached_measurement(
+            cache_dir, {**data_key, "quantizer": repr(q), "seed": seed, "kind": "all-layers"},
+            lambda q=q: measure(
+                model, data, q, layers=names, reference_logits=logits, seed=seed,
+                progress=progress,
+            ),
+        )  # fmt: skip
+        l3 = multilayer_distortion(
+            grams, m2, seed=realization_seed(seed, q.bits), band=grams.projections is not None
+        )
+        _, z_lin = first_order_actual_flips(model, data, {k: c.detail for k, c in comp.items()})
         pred_lin = z_lin.argmax(axis=1)
-        sakr = sakr_bound(grams, steps)
-        hawq = hawq_v2_sensitivity(trace, [float(np.sum(qt[n].error ** 2)) for n in names])
-        row = {
+        acc_f = float(np.mean(pred == labels))
+        acc_lin = float(np.mean(pred_lin == labels))
+        l2 = Prediction(
+            level="2L", flip_rate=float(np.mean(pred_lin != pred)), flip_rate_stderr=0.0,
+            accuracy_loss=acc_f - acc_lin, accuracy_loss_stderr=0.0, accuracy_float=acc_f,
+            accuracy_compressed=acc_lin, n_samples=n, method="jvp",
+        )  # fmt: skip
+        sakr = sakr_bound(grams, variances=m2)
+        hawq = hawq_v2_sensitivity(trace, [float(np.sum(comp[k].error ** 2)) for k in names])
+        key = {
             "model": model_name, "problem": "10-class" if logits.shape[1] == 10 else
             f"{logits.shape[1]}-class", "layers": "all", "n_classes": logits.shape[1],
-            "bits": q.bits, "scheme": q.scheme, "granularity": q.granularity,
-            "clipping": q.clipping, "rounding": q.rounding, "n_fit": 0, "n_eval": len(labels),
+            "bits": int(q.bits), "scheme": q.scheme, "granularity": q.granularity,
+            "clipping": q.clipping, "rounding": q.rounding, "n_fit": 0, "n_eval": n,
             "step_mean": float(np.mean([np.mean(s) for s in steps])),
-            "measured_flip": m.flip_rate, "measured_flip_lo": m.flip_ci[0],
-            "measured_flip_hi": m.flip_ci[1], "measured_loss": m.loss,
-            "measured_loss_lo": m.loss_ci[0], "measured_loss_hi": m.loss_ci[1],
-            "accuracy_float": m.accuracy_float, "measured_accuracy": m.accuracy,
-            "L1_flip": np.nan, "L1_loss": np.nan,
-            "L2_flip": float(np.mean(pred_lin != pred)),
-            "L2_loss": float(np.mean(pred == labels) - np.mean(pred_lin == labels)),
-            "L3_flip": l3.flip_rate, "L3_flip_lo": fb.low, "L3_flip_hi": fb.high,
-            "L3_loss": l3.accuracy_loss, "L3_loss_lo": lb.low, "L3_loss_hi": lb.high,
-            "L3_flip_in_band": bool(fb.low <= m.flip_rate <= fb.high),
-            "L3_loss_in_band": bool(lb.low <= m.loss <= lb.high),
-            "sakr_flip_bound": sakr.bound, "hawq_v2": hawq.total(),
+            "error_second_moment_mean": float(np.mean([np.mean(v) for v in m2])),
         }  # fmt: skip
-        for lv in (2, 3):
-            row[f"L{lv}_flip_abs_error"] = abs(row[f"L{lv}_flip"] - m.flip_rate)
-            row[f"L{lv}_loss_abs_error"] = abs(row[f"L{lv}_loss"] - m.loss)
-        row["L1_flip_abs_error"] = row["L1_loss_abs_error"] = np.nan
-        row["sakr_flip_abs_error"] = abs(min(sakr.bound, 1.0) - m.flip_rate)
-        out.append(row)
-    return Comparison(pd.DataFrame(out))
+        preds = {"L2L": l2, "L3L": l3.to_prediction()}
+        cells.append(ComparisonCell(key, m, preds, sakr, hawq))
+    return Comparison.from_cells(cells)

@@ -34,13 +34,14 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from distortion.experiments import _paths
+from distortion.experiments import _cache, _paths
 from distortion.theory.baselines import HessianTrace
 from distortion.theory.multilayer import GradientGrams
 
@@ -295,25 +296,23 @@ def gradient_grams(
     n_total, labels, data_fp = _data_info(data)
     if n_total == 0:
         raise ValueError("data holds no samples")
-    was_training = model.training
-    model.eval()
-    model.to(device)
-    try:
+    from distortion.experiments._torch_state import evaluated_on
+
+    # the caller's model goes back to its devices and training modes, also on errors
+    with evaluated_on(model, device) as dev:
         first_x, _ = next(iter(_batches(data, 2)))
-        names = resolve_quantizable(model, layers, first_x.to(device))
+        names = resolve_quantizable(model, layers, first_x.to(dev))
         key = _grams_key(model, data_fp, names, granularity, int(n_realizations), int(seed))
         path = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
-        if cache and path.is_file():
-            try:
-                return load_grams(path, expected_key=key)
-            except ValueError:
-                pass  # unreadable or stale: recompute and overwrite
+        # a missing, unreadable, garbled or stale file: a CacheWarning, then recomputed
+        if cache:
+            cached = _cache.load_cached(path, load_grams, key=key, key_of=lambda g: g.key)
+            if cached is not None:
+                return cached
         grams = _compute_grams(
             model, data, names, granularity, int(n_realizations), batch_size, int(seed),
-            device, memory_mb, progress, n_total, labels, key, tqdm,
+            dev, memory_mb, progress, n_total, labels, key, tqdm,
         )  # fmt: skip
-    finally:
-        model.train(was_training)
     meta = dict(grams.meta)
     meta.update({"data": data_fp, "dataset_id": str(getattr(data, "dataset_id", "arrays"))})
     info = getattr(model, "distortion_info", None)
@@ -321,7 +320,14 @@ def gradient_grams(
         meta["model"] = info.to_dict()
     grams = _replace_meta(grams, meta)
     if cache:
-        save_grams(grams, path)
+        try:
+            save_grams(grams, path)
+        except OSError as exc:
+            warnings.warn(
+                f"could not write the gradient-gram cache {str(path)!r}: {exc}",
+                _cache.CacheWarning,
+                stacklevel=2,
+            )
     return grams
 
 
@@ -334,8 +340,8 @@ def _replace_meta(grams: GradientGrams, meta: dict[str, Any]) -> GradientGrams:
 def _grams_key(
     model: nn.Module, data_fp: str, names: list[str], granularity: str, r: int, seed: int
 ) -> str:
-    h = hashlib.sha256()
     payload = {
+        "cache": "grams",
         "version": _CACHE_VERSION,
         "weights": _model_hash(model),
         "data": data_fp,
@@ -345,8 +351,7 @@ def _grams_key(
         "seed": seed if r else None,
         "dtype": str(next(model.parameters()).dtype),
     }
-    h.update(json.dumps(payload, sort_keys=True).encode())
-    return h.hexdigest()
+    return _cache.content_key(payload)
 
 
 def _compute_grams(
@@ -491,9 +496,6 @@ def _compute_grams(
 # ----------------------------------------------------------------------------- cache files
 def save_grams(grams: GradientGrams, path: str | os.PathLike[str]) -> Path:
     """Write a :class:`GradientGrams` to an ``.npz`` file (atomically); returns the path."""
-    import contextlib
-    import tempfile
-
     path = Path(path)
     arrays: dict[str, np.ndarray] = {
         "logits": grams.logits,
@@ -515,20 +517,10 @@ def save_grams(grams: GradientGrams, path: str | os.PathLike[str]) -> Path:
         "layer_kinds": list(grams.layer_kinds),
         "weight_shapes": [list(s) for s in grams.weight_shapes],
         "key": grams.key,
-        "meta": _jsonable(grams.meta),
+        "meta": _cache.jsonable(grams.meta),
     }
     arrays["header"] = np.array(json.dumps(header))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return _cache.atomic_savez(path, **arrays)
 
 
 def load_grams(path: str | os.PathLike[str], *, expected_key: str | None = None) -> GradientGrams:
@@ -553,10 +545,21 @@ def load_grams(path: str | os.PathLike[str], *, expected_key: str | None = None)
             arrays = {k: z[k] for k in z.files if k != "header"}
     except Exception as exc:
         raise ValueError(f"cannot read gradient-gram file {str(path)!r}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a {_FORMAT} file (its header is not a dict)")
     if header.get("format") != _FORMAT or header.get("version") != _CACHE_VERSION:
         raise ValueError(f"{str(path)!r} is not a version-{_CACHE_VERSION} {_FORMAT} file")
     if expected_key is not None and header.get("key") != expected_key:
         raise ValueError(f"{str(path)!r} was computed for other weights, data or options")
+    try:
+        return _grams_from_arrays(header, arrays, path)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise ValueError(
+            f"gradient-gram file {str(path)!r} is corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _grams_from_arrays(header: dict, arrays: dict, path: Path) -> GradientGrams:
     shapes = [tuple(s) for s in header["weight_shapes"]]
     weights = None
     if "weights" in arrays:
@@ -584,19 +587,60 @@ def load_grams(path: str | os.PathLike[str], *, expected_key: str | None = None)
     )
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)
+#: Old name, kept for callers of this module.
+_jsonable = _cache.jsonable
 
 
 # ----------------------------------------------------------------------------- Hutchinson
+#: How hessian_trace probes: one Rademacher vector per layer, restricted to its own block
+#: (the joint probing of version 1 carried the other layers' cross terms). In the cache key.
+_HESSIAN_PROBING = "per-layer-block"
+
+
+def _rademacher_seeds(seed: int, n_draws: int, n_layers: int) -> list[list[int]]:
+    """Independent generator seeds for the vector of draw d on layer l."""
+    ss = np.random.SeedSequence([int(seed), 40503])
+    states = [c.generate_state(1, np.uint64)[0] >> 1 for c in ss.spawn(n_draws * n_layers)]
+    return [[int(states[d * n_layers + li]) for li in range(n_layers)] for d in range(n_draws)]
+
+
+def _block_hutchinson_draws(
+    model: nn.Module,
+    batches: Iterator[tuple[Any, Any]],
+    params: list[torch.Tensor],
+    seeds: list[list[int]],
+    n_total: int,
+    dev: Any,
+) -> np.ndarray:
+    r"""Per draw and layer, :math:`v_\ell^\top H_{\ell\ell} v_\ell`, shape (m, L) (eq. BL6).
+
+    For each batch one graph of the gradient :math:`g = \nabla_W L` is built; for each draw
+    and layer the block product :math:`H_{\ell\ell}v_\ell = \nabla_{W_\ell}(g_\ell\cdot
+    v_\ell)` is one backward pass through it (retained), with the same :math:`v_\ell` of a
+    draw in every batch so that the sum over batches is the product for the mean loss.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n_draws, n_layers = len(seeds), len(params)
+    acc = np.zeros((n_draws, n_layers))
+    for x, y in batches:
+        x = x.to(device=dev, dtype=params[0].dtype)
+        y = torch.as_tensor(y).to(dev)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            for d in range(n_draws):
+                for li, (p, g) in enumerate(zip(params, grads, strict=True)):
+                    gen = torch.Generator().manual_seed(seeds[d][li])
+                    v = (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(dev, p.dtype)
+                    last = d == n_draws - 1 and li == n_layers - 1
+                    (hv,) = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=not last)
+                    acc[d, li] += float((hv * v).sum())  # v_l^T H_ll v_l (eq. BL6)
+            del grads, loss
+    return acc
+
+
 def hessian_trace(
     model: nn.Module,
     data: Any,
@@ -615,12 +659,13 @@ def hessian_trace(
     Parameters
     ----------
     model : torch.nn.Module
-        Run in eval mode (left as it was).
+        Run on ``device`` in eval mode, then left as it was (its tensors back on their
+        devices, every submodule back in its own training mode).
     data : ImageDataset or (x, y)
         Labelled samples; the loss is the mean cross-entropy over all of them.
     layers : "all", "last" or sequence of str
     n_draws : int
-        Rademacher vectors m (>= 2, for a standard error).
+        Rademacher vectors m per layer (>= 2, for a standard error).
     seed : int
         Seed of the Rademacher vectors.
     batch_size, device, cache, cache_dir, progress
@@ -629,85 +674,86 @@ def hessian_trace(
     Returns
     -------
     HessianTrace
+        ``trace[l]`` with its standard error ``stderr[l]`` (sd over the draws
+        / :math:`\sqrt m`); ``draws`` holds the m terms of each layer.
 
     Notes
     -----
-    With :math:`v` Rademacher over all analysed weights and :math:`H` the Hessian of the
-    mean loss, :math:`E[v_\ell^\top (Hv)_\ell] = \operatorname{Tr}(H_\ell)` (the
-    off-diagonal blocks average out), estimated by the mean over the m draws with standard
-    error :math:`s/\sqrt m` (``theory/baselines.md``, eq. BL6). :math:`Hv` is accumulated
-    over batches by double back-propagation, :math:`\nabla(\nabla L\cdot v)`.
+    Each layer is probed on its own block [2]_: for draw :math:`d` and layer :math:`\ell`,
+    a Rademacher vector :math:`v_\ell` on that layer's weights only gives the unbiased term
+    :math:`v_\ell^\top H_{\ell\ell} v_\ell` of :math:`\operatorname{Tr}(H_{\ell\ell})`, of
+    variance :math:`2\sum_{i\ne j}(H_{\ell\ell})_{ij}^2` (``theory/baselines.md``,
+    eq. BL6). One vector over all layers at once would add the cross terms
+    :math:`\sum_{k\ne\ell} v_\ell^\top H_{\ell k} v_k`, of variance
+    :math:`\sum_{k\ne\ell}\|H_{\ell k}\|_F^2`, to every layer's term (on ResNet-20 they
+    dominate the small last layer). The block products
+    :math:`H_{\ell\ell} v_\ell = \nabla_{W_\ell}(\nabla_{W_\ell} L\cdot v_\ell)` come from one
+    double-backward graph per batch: :math:`m L` backward passes through it per batch, each
+    stopping at the layer it differentiates.
     """
-    import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    if not isinstance(n_draws, int) or n_draws < 2:
+    from distortion.experiments._torch_state import evaluated_on
+
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int | np.integer) or n_draws < 2:
         raise ValueError(f"n_draws must be an integer >= 2 (for a standard error), got {n_draws!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n_draws = int(n_draws)
     n_total, labels, data_fp = _data_info(data)
     if labels is None:
         raise ValueError("hessian_trace needs labels (the cross-entropy loss); pass (x, y)")
-    was_training = model.training
-    model.eval()
-    model.to(device)
-    try:
+    # the caller's model goes back to its devices and training modes, also on errors
+    with evaluated_on(model, device) as dev:
         first_x, _ = next(iter(_batches(data, 2)))
-        names = resolve_quantizable(model, layers, first_x.to(device))
+        names = resolve_quantizable(model, layers, first_x.to(dev))
         h = hashlib.sha256()
         h.update(
             json.dumps(
-                {"version": _CACHE_VERSION, "weights": _model_hash(model), "data": data_fp,
-                 "layers": names, "n_draws": n_draws, "seed": seed}, sort_keys=True,
+                {"version": _CACHE_VERSION, "probing": _HESSIAN_PROBING,
+                 "weights": _model_hash(model), "data": data_fp, "layers": names,
+                 "n_draws": n_draws, "seed": seed}, sort_keys=True,
             ).encode()
         )  # fmt: skip
         key = h.hexdigest()
         path = _paths.cache_dir(cache_dir) / "hessian" / f"trace-{key[:24]}.npz"
-        if cache and path.is_file():
-            with np.load(path) as z:
-                if str(z["key"]) == key:
-                    return HessianTrace(
-                        layer_names=tuple(names), n_params=z["n_params"], draws=z["draws"],
-                        n_samples=int(z["n_samples"]), seed=seed,
-                    )  # fmt: skip
+        if cache:
+            z = _cache.load_npz(path, key=key)  # missing, unreadable or stale: recomputed
+            if z is not None:
+                return HessianTrace(
+                    layer_names=tuple(names), n_params=z["n_params"], draws=z["draws"],
+                    n_samples=int(z["n_samples"]), seed=seed,
+                )  # fmt: skip
         params = [model.get_submodule(n).weight for n in names]
         saved = [p.requires_grad for p in params]
-        gen = torch.Generator().manual_seed(int(seed))
-        vs = [
-            [
-                (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype).to(device)
-                for p in params
-            ]
-            for _ in range(n_draws)
-        ]
-        acc = np.zeros((n_draws, len(names)))
         total = -(-n_total // batch_size)
         try:
             for p in params:
                 p.requires_grad_(True)
-            for x, y in tqdm(
+            batches = tqdm(
                 _batches(data, batch_size), total=total, desc="hessian trace",
                 disable=not progress, leave=False,
-            ):  # fmt: skip
-                x = x.to(device=device, dtype=params[0].dtype)
-                y = torch.as_tensor(y).to(device)
-                with torch.enable_grad():
-                    loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
-                    grads = torch.autograd.grad(loss, params, create_graph=True)
-                    for d in range(n_draws):
-                        dot = sum((g * v).sum() for g, v in zip(grads, vs[d], strict=True))
-                        hv = torch.autograd.grad(dot, params, retain_graph=d < n_draws - 1)
-                        for li, (hvl, vl) in enumerate(zip(hv, vs[d], strict=True)):
-                            acc[d, li] += float((hvl * vl).sum())  # (eq. BL6)
+            )  # fmt: skip
+            acc = _block_hutchinson_draws(
+                model, batches, params, _rademacher_seeds(seed, n_draws, len(params)),
+                n_total, dev,
+            )  # fmt: skip
         finally:
             for p, f in zip(params, saved, strict=True):
                 p.requires_grad_(f)
-    finally:
-        model.train(was_training)
-    n_params = np.array([p.numel() for p in params], dtype=np.int64)
+        n_params = np.array([p.numel() for p in params], dtype=np.int64)
     res = HessianTrace(
         layer_names=tuple(names), n_params=n_params, draws=acc, n_samples=n_total, seed=seed
     )
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, key=np.array(key), n_params=n_params, draws=acc, n_samples=n_total)
+        try:
+            _cache.atomic_savez(
+                path, key=np.array(key), n_params=n_params, draws=acc, n_samples=n_total
+            )
+        except OSError as exc:
+            warnings.warn(
+                f"could not write the Hessian-trace cache {str(path)!r}: {exc}",
+                _cache.CacheWarning,
+                stacklevel=2,
+            )
     return res

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from distortion.results import Prediction
+from distortion.theory.error_models import uniform_error_variance
 from distortion.theory.multilayer import GradientGrams
 
 __all__ = [
@@ -130,6 +132,19 @@ class SakrBound:
     gains: np.ndarray = field(repr=False)  # (L,)
     per_sample: np.ndarray = field(repr=False)  # (N,)
 
+    @property
+    def vacuous(self) -> bool:
+        """Whether the published bound is >= 1 and so says nothing."""
+        return bool(self.bound >= 1.0)
+
+    def to_prediction(self) -> Prediction:
+        """The bound, clipped at 1 per image, in the shared shape (level ``"sakr"``; an
+        upper bound on the flip rate, no band, no accuracy loss)."""
+        return Prediction(
+            level="sakr", flip_rate=self.bound_clipped, flip_rate_stderr=0.0,
+            n_samples=int(self.per_sample.size), method="chebyshev-union",
+        )  # fmt: skip
+
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: its gain and its term of the bound."""
         return pd.DataFrame(
@@ -137,15 +152,26 @@ class SakrBound:
         )
 
 
-def sakr_bound(grams: GradientGrams, steps: Sequence[Any]) -> SakrBound:
-    r"""Sakr et al.'s bound on the flip probability for given quantization steps.
+def sakr_bound(
+    grams: GradientGrams,
+    steps: Sequence[Any] | None = None,
+    *,
+    variances: Sequence[Any] | None = None,
+) -> SakrBound:
+    r"""Sakr et al.'s bound on the flip rate for given quantization steps or error variances.
 
     Parameters
     ----------
     grams : GradientGrams
-    steps : sequence of length L
+    steps : sequence of length L, optional
         Step :math:`\Delta_\ell` of each layer: a scalar (per tensor; 0 or None for a
-        layer kept in float) or an array of shape (C_l,) (per channel).
+        layer kept in float) or an array of shape (C_l,) (per channel) — the published
+        form, whose error variance is H_U's :math:`\Delta^2/12`.
+    variances : sequence of length L, optional
+        Or the error second moment :math:`\sigma_\ell^2` of each layer, as a compressor's
+        error model gives it (exactly one of ``steps`` and ``variances``); the bound is then
+        Chebyshev's with that variance, the published one when
+        :math:`\sigma^2 = \Delta^2/12`.
 
     Returns
     -------
@@ -161,23 +187,30 @@ def sakr_bound(grams: GradientGrams, steps: Sequence[Any]) -> SakrBound:
               \le \sum_{j\ne\hat y}\frac{\operatorname{Var}\nu_j}{2 m_j^2}
               = \sum_\ell \Delta_\ell^2 \sum_{j\ne\hat y}\frac{G_{\ell j}}{24\, m_j^2}.
     """
-    if len(steps) != grams.n_layers:
+    if (steps is None) == (variances is None):
+        raise ValueError("pass exactly one of steps and variances (one entry per layer)")
+    what = "steps" if variances is None else "variances"
+    given = steps if variances is None else variances
+    if len(given) != grams.n_layers:
         raise ValueError(
-            f"steps must have one entry per cached layer ({grams.n_layers}), got {len(steps)}"
+            f"{what} must have one entry per cached layer ({grams.n_layers}), got {len(given)}"
         )
+    # Delta^2 of the published form; from a variance, the step whose H_U variance it is
+    unit = float(uniform_error_variance(1.0))
     sq: list[np.ndarray] = []
     counts = grams.channel_counts()
-    for name, c, s in zip(grams.layer_names, counts, steps, strict=True):
+    for name, c, s in zip(grams.layer_names, counts, given, strict=True):
         a = np.zeros(()) if s is None else np.asarray(s, dtype=np.float64)
         if a.ndim > 1 or (a.ndim == 1 and a.shape != (c,)):
             raise ValueError(
-                f"step of layer {name!r} must be a scalar or have shape ({c},), got {a.shape}"
+                f"{what[:-1]} of layer {name!r} must be a scalar or have shape ({c},), "
+                f"got {a.shape}"
             )
         if not np.all(np.isfinite(a)) or np.any(a < 0):
-            raise ValueError(f"step of layer {name!r} must be finite and >= 0")
+            raise ValueError(f"{what[:-1]} of layer {name!r} must be finite and >= 0")
         if a.ndim == 1 and np.all(a == a[0]):
             a = np.asarray(a[0])
-        sq.append(a**2)
+        sq.append(a**2 if variances is None else a / unit)
     tensor = np.array([float(a) if a.ndim == 0 else 0.0 for a in sq])
     per_tensor = _per_sample_gains(grams, channel=False)  # (N, L)
     with np.errstate(invalid="ignore"):
@@ -215,17 +248,19 @@ class HessianTrace:
     n_params : array of shape (L,)
         :math:`n_\ell`, weights of each layer.
     draws : array of shape (m, L)
-        Independent unbiased terms of the trace: :math:`v_\ell^\top (H v)_\ell` for each
-        Rademacher draw (eq. BL6), or each sample's term of :func:`gauss_newton_trace`.
+        Independent unbiased terms of each layer's trace: :math:`v_\ell^\top H_{\ell\ell}
+        v_\ell` for a Rademacher vector :math:`v_\ell` on that layer's block alone, one per
+        draw (eq. BL6; :func:`distortion.experiments.sensitivity.hessian_trace`), or each
+        sample's term of :func:`gauss_newton_trace`.
     n_samples : int
         Samples of the loss.
     seed : int
     trace : array of shape (L,)
         Mean over the draws.
     stderr : array of shape (L,)
-        Standard error of ``trace`` (sd over draws / sqrt(m)).
+        Standard error of each layer's ``trace``: the sd of its draws / :math:`\sqrt m`.
     method : str
-        ``"hutchinson"`` or ``"gauss-newton"``.
+        ``"hutchinson"`` (per-layer block probing) or ``"gauss-newton"``.
     """
 
     layer_names: tuple[str, ...]  # (L,)
@@ -335,16 +370,29 @@ class HawqSensitivity:
         Its standard error from the Hutchinson draws.
     squared_error : array of shape (L,)
         :math:`\|Q(W_\ell) - W_\ell\|^2`.
+    draws : array of shape (m, L), optional
+        The terms of :math:`\Omega_\ell` per draw (the trace's draws scaled by
+        :math:`\|Q(W_\ell) - W_\ell\|^2/n_\ell`), for :meth:`total_stderr`.
     """
 
     layer_names: tuple[str, ...]  # (L,)
     omega: np.ndarray  # (L,)
     omega_stderr: np.ndarray  # (L,)
     squared_error: np.ndarray  # (L,)
+    draws: np.ndarray | None = field(default=None, repr=False)  # (m, L)
 
     def total(self) -> float:
         r""":math:`\sum_\ell \Omega_\ell`, HAWQ-V2's score of a whole allocation."""
         return float(np.sum(self.omega))
+
+    def total_stderr(self) -> float:
+        r"""Standard error of :meth:`total`: the sd over draws of the summed terms
+        / :math:`\sqrt m` (valid also when the layers' terms are correlated); without the
+        draws, :math:`\sqrt{\sum_\ell \mathrm{se}_\ell^2}` (independent layers)."""
+        if self.draws is not None and self.draws.shape[0] >= 2:
+            t = self.draws.sum(axis=1)
+            return float(np.std(t, ddof=1) / math.sqrt(t.size))
+        return float(np.sqrt(np.sum(np.asarray(self.omega_stderr) ** 2)))
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer."""
@@ -390,4 +438,5 @@ def hawq_v2_sensitivity(trace: HessianTrace, squared_error: Sequence[float]) -> 
         omega=omega,
         omega_stderr=trace.stderr / trace.n_params * e,
         squared_error=e,
+        draws=trace.draws * (e / trace.n_params)[None, :],
     )
