@@ -156,8 +156,6 @@ def test_additive_surrogate_brackets_full_model_for_small_noise(fitted):
 
 def test_stochastic_rounding_uses_its_own_error_model(fitted):
     # E[e^2] = Delta^2 p (1 - p) per weight (eq. E2), about twice Delta^2 / 12 (eq. E3)
-    from distortion.theory.error_models import stochastic_rounding_second_moment
-
     net, _, _, est = fitted
     near = est.predict_allocation({"fc1": 5}, band=False)
     sto = est.predict_allocation({"fc1": 5}, quantizer=UniformQuantizer(5, rounding="stochastic"))
