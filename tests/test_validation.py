@@ -75,7 +75,8 @@ def test_theory_imports_neither_pandas_nor_sklearn_nor_torch():
     code = (
         "import sys, distortion.theory.binary, distortion.theory.gaussian, "
         "distortion.theory.multiclass, distortion.theory.multilayer, "
-        "distortion.theory.semiparametric, distortion._validation, distortion.theory._bands\n"
+        "distortion.theory.semiparametric, distortion._validation, distortion.theory._bands, "
+        "distortion.theory.baselines, distortion.theory.error_models\n"
         "bad = {'pandas', 'sklearn', 'torch', 'matplotlib'} & set(sys.modules)\n"
         "assert not bad, bad\n"
     )

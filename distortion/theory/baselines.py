@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 from distortion.results import Prediction
 from distortion.theory.error_models import uniform_error_variance
@@ -147,6 +149,8 @@ class SakrBound:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: its gain and its term of the bound."""
+        import pandas as pd
+
         return pd.DataFrame(
             {"layer": list(self.layer_names), "gain": self.gains, "term": self.layer_terms}
         )
@@ -299,6 +303,8 @@ class HessianTrace:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: weights, trace, its standard error, mean trace."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "layer": list(self.layer_names),
@@ -396,6 +402,8 @@ class HawqSensitivity:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "layer": list(self.layer_names),
