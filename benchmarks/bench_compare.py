@@ -54,8 +54,8 @@ def main() -> None:
     t0 = time.perf_counter()
     predictions = []
     for q in quantizers:
-        steps = [q.quantize(weights[n]).step for n in names]
-        predictions.append(multilayer_distortion(grams, [s**2 / 12 for s in steps]))
+        m2 = [q.compress(weights[n]).error_model.second_moment for n in names]  # (eq. E1)
+        predictions.append(multilayer_distortion(grams, m2))
     t_predict = time.perf_counter() - t0
 
     logits = predict_logits(model, data, progress=False)

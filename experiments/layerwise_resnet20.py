@@ -125,20 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     t_measure = t_predict = 0.0
     for bits in bits_list:
         q = UniformQuantizer(bits)
-        qt = {n: q.quantize(get_layer(model, n).weight.detach()) for n in names}
+        comp = {n: q.compress(get_layer(model, n).weight.detach()) for n in names}
+        qt = {n: c.detail for n, c in comp.items()}
         sq_err = [float(np.sum(qt[n].error ** 2)) for n in names]
         hawq = hawq_v2_sensitivity(trace, sq_err)
         hawq_gn = hawq_v2_sensitivity(gn_trace, sq_err)
         for li, name in enumerate(names):
-            steps = [None] * len(names)
-            steps[li] = qt[name].step
-            var = [0.0 if s is None else float(s) ** 2 / 12 for s in steps]
+            var = [0.0] * len(names)
+            var[li] = float(comp[name].error_model.second_moment)  # the error model (eq. E1)
             t = time.perf_counter()
             ours = multilayer_distortion(grams, var, seed=args.seed, band=args.realizations > 0)
             var_emp = [0.0] * len(names)
             var_emp[li] = float(np.mean(qt[name].error ** 2))  # actual mean square error
             ours_emp = multilayer_distortion(grams, var_emp, seed=args.seed, band=False)
-            sakr = sakr_bound(grams, steps)
+            sakr = sakr_bound(grams, variances=var)
             t_predict += time.perf_counter() - t
             t = time.perf_counter()
             if (bits, name) in reused:

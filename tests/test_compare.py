@@ -158,3 +158,24 @@ def test_load_refuses_an_old_table(tmp_path):
     pd.DataFrame({"measured_flip": [0.1]}).to_csv(p, index=False)
     with pytest.raises(ValueError, match="older version"):
         Comparison.load(p)
+
+
+def test_all_layer_measurements_are_cached_under_their_key(tmp_path, monkeypatch):
+    # Defect: a warm rerun measured every cell again (15 min of a 15-min run)
+    import distortion.experiments.measure as measure_module
+
+    net, data = _tiny(n=200)
+    qs = [UniformQuantizer(4), UniformQuantizer(3, granularity="channel")]
+    kw = dict(cache_dir=tmp_path, n_realizations=0, progress=False)
+    first = compare_all_layers(net, data, qs, **kw).table
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("measured again although the cache holds it")
+
+    monkeypatch.setattr(measure_module, "measure", no_measure)
+    again = compare_all_layers(net, data, qs, **kw).table
+    num = first.select_dtypes("number").columns
+    np.testing.assert_array_equal(first[num].to_numpy(), again[num].to_numpy())
+    # another quantizer is another key: it is measured
+    with pytest.raises(AssertionError, match="measured again"):
+        compare_all_layers(net, data, [UniformQuantizer(5)], **kw)
