@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from distortion.theory.error_models import UNIFORM_SECOND_MOMENT
+
 from ._common import _as_float_array, _check_alpha
 from .verdicts import UniformThresholds, _criterion, _worst
 
@@ -250,10 +252,10 @@ def uniform_error_statistics(
     n = u.size
 
     m1 = float(u.mean())
-    z1 = m1 * np.sqrt(12 * n)
+    z1 = m1 / np.sqrt(UNIFORM_SECOND_MOMENT / n)  # Var u = E u^2 under H_U (eq. E1)
     u2 = u**2
     m2 = float(u2.mean())
-    z2 = (m2 - 1 / 12) / np.sqrt(1 / (180 * n))
+    z2 = (m2 - UNIFORM_SECOND_MOMENT) / np.sqrt(1 / (180 * n))
     m4 = float(np.mean(u2**2))
     z4 = (m4 - 1 / 80) / np.sqrt(1 / (3600 * n))
     # the exact Kolmogorov distribution costs ~60 ms at n = 10^4; asymptotic beyond 5 000

@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "ERROR_RULES",
+    "UNIFORM_SECOND_MOMENT",
     "ErrorModel",
     "empirical_second_moment",
     "stochastic_rounding_second_moment",
