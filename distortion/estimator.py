@@ -42,6 +42,7 @@ import pandas as pd
 from distortion.compression import Compressed, error_second_moment, realization_seed
 from distortion.quantize import UniformQuantizer
 from distortion.results import Band, Prediction
+from distortion.theory._bands import min_realizations
 from distortion.theory.multilayer import (
     GradientGrams,
     LayerContributions,
@@ -265,15 +266,6 @@ def _check_bits_list(bits: Iterable[int] | int, name: str = "bits") -> np.ndarra
     if arr.size == 0 or arr.min() < 1 or arr.max() > 16:
         raise bad("a non-empty set in range")
     return arr
-
-
-def min_realizations(coverage: float) -> int:
-    r"""Fewest realizations R whose order-statistic band has the ``coverage`` (eq. L12).
-
-    The band takes the :math:`\lfloor (R+1)(1-c)/2 \rfloor`-th smallest and largest of R
-    realizations, which exists only when that index is at least 1.
-    """
-    return int(math.ceil(2.0 / (1.0 - coverage) - 1.0 - 1e-9))
 
 
 class AccuracyLossEstimator:

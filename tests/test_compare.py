@@ -115,8 +115,15 @@ def test_last_layer_table_schema_names_and_sakr_clipped():
     comp = compare_last_layer(fit, ev, qs, n_realizations=40, seed=0)
     t = comp.table
     assert t["bits"].dtype.kind == "i" and t["bits"].tolist() == [2, 6]
-    for col in ("L1_flip_rate", "L2_flip_rate", "L3_flip_rate_low", "L3_flip_rate_in_band",
-                "measured_flip_rate", "measured_accuracy_loss_high", "sakr_flip_rate_bound"):
+    for col in (
+        "L1_flip_rate",
+        "L2_flip_rate",
+        "L3_flip_rate_low",
+        "L3_flip_rate_in_band",
+        "measured_flip_rate",
+        "measured_accuracy_loss_high",
+        "sakr_flip_rate_bound",
+    ):
         assert col in t
     assert set(t.columns) <= set(COLUMN_DICTIONARY)
     # the bound is reported clipped at 1, and flagged vacuous where the published one is >= 1
@@ -179,3 +186,25 @@ def test_all_layer_measurements_are_cached_under_their_key(tmp_path, monkeypatch
     # another quantizer is another key: it is measured
     with pytest.raises(AssertionError, match="measured again"):
         compare_all_layers(net, data, [UniformQuantizer(5)], **kw)
+
+
+def test_level_3n_runs_the_real_network_with_dithered_errors(tmp_path):
+    # 3N: subtractive dither of the real steps in every layer, R realizations of the real
+    # network; at 8 bits the first order (3L) must agree with it within its sampling error
+    net, data = _tiny(n=300)
+    comp = compare_all_layers(
+        net, data, [UniformQuantizer(8), UniformQuantizer(3)], cache_dir=tmp_path,
+        n_realizations=0, n_dither_realizations=40, progress=False,
+    )  # fmt: skip
+    t = comp.table.set_index("bits")
+    assert comp.cells[0].predictions["L3N"].level == "3N"
+    assert (t["L3N_flip_rate_stderr"] > 0).all()
+    assert (
+        t.loc[3, "L3N_flip_rate_low"] <= t.loc[3, "L3N_flip_rate"] <= t.loc[3, "L3N_flip_rate_high"]
+    )
+    se = t.loc[8, "L3N_flip_rate_stderr"]
+    assert abs(t.loc[8, "L3L_flip_rate"] - t.loc[8, "L3N_flip_rate"]) < 4 * se + 2 / 300
+    assert t.loc[3, "L3N_flip_rate"] > t.loc[8, "L3N_flip_rate"]
+    with pytest.raises(ValueError, match="n_dither_realizations"):
+        compare_all_layers(net, data, [UniformQuantizer(8)], cache_dir=tmp_path,
+                           n_realizations=0, n_dither_realizations=1, progress=False)  # fmt: skip

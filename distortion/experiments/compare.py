@@ -78,6 +78,8 @@ LAST_LAYER_LEVELS = {
 ALL_LAYER_LEVELS = {
     "L2L": "level 2L: the network linearized in its weights, moved by the actual error",
     "L3L": "level 3L: the same first-order model with the error model (H_U for rounding)",
+    "L3N": "level 3N: the real network with errors drawn from the error model (subtractive "
+    "dither with the real steps, exact H_U), over R seeded realizations",
 }
 #: The prediction whose band the summary's coverage column reports, per layer set.
 BAND_LEVEL = {"last": "L3", "all": "L3L"}
@@ -563,6 +565,40 @@ def first_order_actual_flips(
     return z, z + np.concatenate(dzs)
 
 
+def _dither_reference(
+    model, data, q, names, logits, repeats, seed, cache_dir, data_key, progress
+) -> Prediction:
+    """Level 3N: the real network with subtractive-dither errors of the real steps."""
+    from dataclasses import replace
+
+    from distortion.experiments.measure import measure
+    from distortion.theory._bands import order_statistic_band
+
+    if isinstance(repeats, bool) or not isinstance(repeats, int | np.integer) or repeats < 2:
+        raise ValueError(f"n_dither_realizations must be 0 or an integer >= 2, got {repeats!r}")
+    dq = replace(q, rounding="dither")
+    dseed = realization_seed(seed, 3, q.bits)
+    m = _cached_measurement(
+        cache_dir,
+        {**data_key, "quantizer": repr(dq), "seed": dseed, "repeats": int(repeats), "kind": "3N"},
+        lambda: measure(
+            model, data, dq, layers=names, reference_logits=logits, repeats=int(repeats),
+            seed=dseed, progress=progress,
+        ),
+    )  # fmt: skip
+    n = len(np.asarray(data.labels))
+    flips = np.rint(np.asarray(m.flip_rates) * n)
+    losses = m.accuracy_float - np.asarray(m.accuracies)
+    lb = order_statistic_band(np.rint(losses * n), n, 0.95)
+    return Prediction(
+        level="3N", flip_rate=m.flip_rate, flip_rate_stderr=m.flip_rate_stderr,
+        flip_rate_band=order_statistic_band(flips, n, 0.95), accuracy_loss=m.accuracy_loss,
+        accuracy_loss_stderr=m.accuracy_loss_stderr, accuracy_loss_band=lb,
+        accuracy_float=m.accuracy_float, accuracy_compressed=m.accuracy, n_samples=n,
+        method=f"dither x {int(repeats)}",
+    )  # fmt: skip
+
+
 def compare_all_layers(
     model: Any,
     data: Any,
@@ -578,6 +614,7 @@ def compare_all_layers(
     progress: bool = True,
     error_rule: str = "uniform",
     hessian: str = "gauss-newton",
+    n_dither_realizations: int = 0,
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -690,5 +727,10 @@ def compare_all_layers(
             "error_second_moment_mean": float(np.mean([np.mean(v) for v in m2])),
         }  # fmt: skip
         preds = {"L2L": l2, "L3L": l3.to_prediction()}
+        if n_dither_realizations:
+            preds["L3N"] = _dither_reference(
+                model, data, q, names, logits, n_dither_realizations, seed, cache_dir,
+                data_key, progress,
+            )  # fmt: skip
         cells.append(ComparisonCell(key, m, preds, sakr, hawq))
     return Comparison.from_cells(cells)

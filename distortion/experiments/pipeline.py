@@ -68,7 +68,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
-    "all_layers": ("bits", "n"),
+    "all_layers": ("bits", "n", "dither_realizations"),
     "hypotheses": ("bits", "n_components"),
 }
 
@@ -81,6 +81,7 @@ _TOML_KEY: dict[str, str] = {
     "last_layer_bits": "last_layer.bits", "covariance": "last_layer.covariance",
     "n_realizations": "last_layer.n_realizations", "problems": "last_layer.problems",
     "all_layers_bits": "all_layers.bits", "all_layers_n": "all_layers.n",
+    "all_layers_dither": "all_layers.dither_realizations",
     "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
 }  # fmt: skip
 
@@ -167,6 +168,7 @@ class ExperimentConfig:
     problems: tuple[Problem, ...] = (Problem("10-class"), Problem("cat-vs-dog", ("cat", "dog")))
     all_layers_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     all_layers_n: int = 2000
+    all_layers_dither: int = 0
     hypotheses_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     n_components: int = 10
     source_file: str | None = field(default=None, compare=False)
@@ -214,6 +216,9 @@ class ExperimentConfig:
         band = f" (a 95 % band needs at least {MIN_BAND_REALIZATIONS} realizations)"
         _check_int(k["n_realizations"], self.n_realizations, MIN_BAND_REALIZATIONS, band)
         _check_int(k["all_layers_n"], self.all_layers_n, 0, " (0 skips the all-layer stage)")
+        _check_int(k["all_layers_dither"], self.all_layers_dither, 0, " (0: no level 3N)")
+        if self.all_layers_dither == 1:
+            raise ValueError(f"{k['all_layers_dither']} must be 0 (no level 3N) or at least 2")
         _check_int(k["n_components"], self.n_components, 1, " (principal components)")
         problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
         if not all(isinstance(p, Problem) for p in problems):
@@ -540,6 +545,7 @@ def run_experiment(
                         cache_dir=cache,
                         seed=config.seed,
                         progress=progress,
+                        n_dither_realizations=config.all_layers_dither,
                     )
                 )
         with stage(f"{name}: write tables"):
