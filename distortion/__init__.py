@@ -20,6 +20,21 @@ _LAZY: dict[str, tuple[str, str]] = {
         for n in ("AccuracyLossEstimator", "AccuracyLossPrediction", "BitAllocation")
     },
     "FeatureSet": ("distortion.experiments.features", "FeatureSet"),
+    **{
+        n: ("distortion.activations", n)
+        for n in ("ActivationQParams", "ActivationQuantizer", "BackendPreset", "preset")
+    },
+    **{
+        n: ("distortion.compressors", n)
+        for n in (
+            "Compose",
+            "KMeansQuantizer",
+            "LowRank",
+            "MagnitudePruner",
+            "NonUniformQuantizer",
+            "ResidualExpansion",
+        )  # fmt: skip
+    },
     **{n: ("distortion.compression", n) for n in ("Compressed", "Compressor")},
     **{n: ("distortion.results", n) for n in ("Band", "ConfidenceInterval", "Prediction")},
     "ErrorModel": ("distortion.theory.error_models", "ErrorModel"),

@@ -102,7 +102,12 @@ def kmeans_1d(
     centroids : ndarray of shape (n_clusters,), ascending
     codes : ndarray of int64, shape of ``x`` flattened
     """
+    check_choice("algorithm", algorithm, ("lloyd", "exact"))
+    check_choice("init", init, ("linear", "kmeans++"))
+    check_int("max_iter", max_iter, 1)
     x = np.asarray(x, dtype=np.float64).ravel()
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"x must hold finite real numbers, got {x.size} entries, some non-finite")
     k = check_int("n_clusters", n_clusters, 1)
     if k > x.size:
         raise ValueError(f"n_clusters must be at most the {x.size} entries, got {n_clusters!r}")
