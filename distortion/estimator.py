@@ -602,6 +602,116 @@ class AccuracyLossEstimator:
             bits[li] = int(b)
         return bits
 
+    # -- any compressor -----------------------------------------------------------------
+    def _compress_layers(self, compressor: Any) -> list[Compressed]:
+        """Every fitted layer compressed (a mapping gives one compressor per layer name;
+        a compressor with ``compress_many`` and global scope sees all layers at once)."""
+        from distortion.compression import Compressor
+
+        if self.level_ == "3L":
+            names = list(self.grams_.layer_names)
+            weights = dict(zip(names, self.grams_.weights, strict=True))
+        else:
+            names, weights = ["last"], {"last": self.W_}
+        if isinstance(compressor, Mapping):
+            unknown = sorted(set(compressor) - set(names))
+            if unknown:
+                raise ValueError(f"unknown layer(s) {unknown}; the fitted layers are {names}")
+            per = {n: compressor.get(n) for n in names}
+        else:
+            per = dict.fromkeys(names, compressor)
+        for n, c in per.items():
+            if c is not None and not isinstance(c, Compressor):
+                raise ValueError(
+                    f"the compressor of layer {n!r} must implement compress(w, *, seed=None) "
+                    f"(the Compressor protocol), got {type(c).__name__}"
+                )
+        if (
+            not isinstance(compressor, Mapping)
+            and getattr(compressor, "scope", "layer") == "global"
+            and hasattr(compressor, "compress_many")
+        ):
+            out = compressor.compress_many(weights, seed=self.seed)
+            return [out[n] for n in names]
+        seeds = [realization_seed(self.seed, i) for i in range(len(names))]
+        return [
+            None if per[n] is None else per[n].compress(weights[n], seed=sd)
+            for n, sd in zip(names, seeds, strict=True)
+        ]
+
+    def predict_compression(self, compressor: Any, *, band: bool = True) -> Prediction:
+        r"""Predicted flip rate and accuracy loss of any compressor (the cached Grams only).
+
+        The compressor's error model (its second moment per tensor or channel,
+        ``theory/error_models.md`` and ``theory/compression.md``) is treated as noise at
+        first order: level 3L after :meth:`fit_model` (eq. L4-L7), level 3 after :meth:`fit`.
+        With per-tensor Grams a per-channel error model enters as its tensor mean square
+        (fit with ``granularity="channel"`` to keep its spread over channels).
+        For deterministic compressions (pruning, truncation, codebooks) this is a hypothesis:
+        compare with the actual perturbation (level 2L of
+        :func:`distortion.experiments.compare.compare_all_layers`).
+
+        Parameters
+        ----------
+        compressor : Compressor or mapping of layer name to Compressor
+            One compressor for every fitted layer, or one per layer (absent layers stay float).
+        band : bool
+            Also the band of one realization (needs cached realizations).
+
+        Returns
+        -------
+        Prediction
+        """
+        self._check_fitted()
+        comp = self._compress_layers(compressor)
+        m2 = [0.0 if c is None else error_second_moment(c, self.error_variance) for c in comp]
+        if self.level_ == "3L" and self.grams_.channel_grams is None:
+            # per-tensor Grams hold one scalar per layer: the tensor's mean square (rows are
+            # of equal size), which keeps E[||E||^2] but not how it spreads over channels
+            m2 = [np.asarray(np.mean(v)) for v in m2]
+        if self.level_ == "3L":
+            r = multilayer_distortion(
+                self.grams_, m2, method=self.method, n_rotations=self.n_rotations,
+                seed=self.seed, band=band and self.grams_.projections is not None,
+                coverage=self.coverage,
+            )  # fmt: skip
+            return r.to_prediction()
+        from distortion.theory.semiparametric import semiparametric_distortion
+
+        n_real = self.n_realizations if band else 0
+        r3 = semiparametric_distortion(
+            self.features_, self.W_, self.b_, variance=m2[0], labels=self.labels_,
+            n_realizations=n_real, coverage=self.coverage, seed=self.seed,
+        )  # fmt: skip
+        return r3.to_prediction()
+
+    def predict_grid(
+        self, make: Any, strengths: Iterable[Any], *, band: bool = True
+    ) -> pd.DataFrame:
+        """:meth:`predict_compression` over a grid of strengths, one row each.
+
+        Parameters
+        ----------
+        make : callable
+            ``make(strength) -> Compressor`` (e.g. ``lambda s: MagnitudePruner(s)``).
+        strengths : iterable
+            Sparsities, ranks, energies, clusters, bits...
+
+        Returns
+        -------
+        DataFrame
+            ``strength`` and the fields of :class:`~distortion.results.Prediction`.
+        """
+        if not callable(make):
+            raise ValueError("make must be a callable strength -> Compressor")
+        rows = [
+            {"strength": s, **self.predict_compression(make(s), band=band).as_dict()}
+            for s in strengths
+        ]
+        if not rows:
+            raise ValueError("strengths is empty: give at least one strength")
+        return pd.DataFrame(rows)
+
     # -- prediction ---------------------------------------------------------------------
     def predict_allocation(
         self,

@@ -305,3 +305,35 @@ def test_min_bits_holds_for_every_larger_bit_width():
         i = bits.index(b)
         assert np.all(loss[i:] <= budget)
         assert i == 0 or loss[i - 1] > budget
+
+
+def test_predict_compression_reads_any_compressors_error_model(fitted):
+    from distortion.compressors import LowRank, MagnitudePruner
+    from distortion.theory.multilayer import multilayer_distortion
+
+    net, _, _, est = fitted
+    # a uniform quantizer through the generic path equals predict_allocation
+    q = UniformQuantizer(6)
+    a = est.predict_compression(q, band=False)
+    b = est.predict_allocation(dict.fromkeys(LAYERS, 6), band=False)
+    assert a.flip_rate == pytest.approx(b.flip_rate, rel=1e-12) and a.level == "3L"
+    # pruning: the error model is the mean square of the pruned weights of each layer
+    p = est.predict_compression(MagnitudePruner(0.3), band=False)
+    m2 = []
+    for name in LAYERS:
+        w = net.get_submodule(name).weight.detach().numpy().astype(np.float64).ravel()
+        k = int(round(0.3 * w.size))
+        pruned = np.argsort(np.abs(w), kind="stable")[:k]
+        m2.append(np.sum(w[pruned] ** 2) / w.size)
+    ref = multilayer_distortion(est.grams_, m2, seed=est.seed, band=False)
+    assert p.flip_rate == pytest.approx(ref.flip_rate, rel=1e-9)
+    # one compressor per layer, others float; a grid of strengths
+    only = est.predict_compression({"fc1": MagnitudePruner(0.5)}, band=False)
+    assert 0 < only.flip_rate < p.flip_rate + 1
+    grid = est.predict_grid(lambda s: MagnitudePruner(s), [0.1, 0.5, 0.9], band=False)
+    assert grid["flip_rate"].is_monotonic_increasing and list(grid["strength"]) == [0.1, 0.5, 0.9]
+    assert est.predict_compression(MagnitudePruner(0.5, scope="global"), band=False).flip_rate > 0
+    with pytest.raises(ValueError, match="unknown layer"):
+        est.predict_compression({"nope": LowRank(1)})
+    with pytest.raises(ValueError, match="Compressor protocol"):
+        est.predict_compression("prune")
