@@ -446,7 +446,7 @@ def compare_last_layer(
             SimpleNamespace(features=x_ev, labels=y_ev, W=W, b=b), q, rows=rows, seed=seed
         )
         preds: dict[str, Prediction] = {}
-        cell_seed = realization_seed(seed, i)
+        cell_seed = seed + i  # each cell its own stream of the run's seed
         if 1 in levels:
             l1 = multiclass_distortion(gm, Wk, bk, variance=m2, method=method, seed=cell_seed)
             preds["L1"] = l1.to_prediction()
@@ -705,7 +705,7 @@ def compare_all_layers(
             ),
         )  # fmt: skip
         l3 = multilayer_distortion(
-            grams, m2, seed=realization_seed(seed, q.bits), band=grams.projections is not None
+            grams, m2, seed=seed, band=grams.projections is not None
         )
         _, z_lin = first_order_actual_flips(model, data, {k: c.detail for k, c in comp.items()})
         pred_lin = z_lin.argmax(axis=1)
