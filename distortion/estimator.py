@@ -470,8 +470,16 @@ class AccuracyLossEstimator:
         Parameters
         ----------
         model : torch.nn.Module
-        dataset : ImageDataset or (x, y)
-            The samples the prediction is about (labels give the accuracy).
+            Any classifier with logits of shape (B, K); its convolutions, linear layers and
+            attention projections are the layers (see
+            :func:`~distortion.experiments.sensitivity.resolve_quantizable`).
+        dataset : DataLoader, Dataset, (x, y), tensor or ImageDataset
+            The samples the prediction is about (labels give the accuracy): a
+            ``torch.utils.data.DataLoader`` of (x, y) batches (not shuffled), a
+            ``TensorDataset`` or other map-style ``Dataset`` of (x, y) items, a pair of
+            inputs (N, ...) and labels (N,), inputs alone, or an
+            :class:`~distortion.experiments.data.ImageDataset`. A progress bar shows on a
+            terminal when ``progress`` is set.
         layers : "all", "last" or sequence of str, optional
             Default: the ``layers`` given to the constructor.
         granularity : {"tensor", "channel"}, optional
@@ -483,6 +491,7 @@ class AccuracyLossEstimator:
         """
         from distortion.experiments.sensitivity import gradient_grams
 
+        # another form of data: a ValueError listing the accepted ones (from gradient_grams)
         grams = gradient_grams(
             model,
             dataset,

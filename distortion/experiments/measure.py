@@ -733,28 +733,45 @@ def resolve_layers(
     """Names of the layers to quantize: ``"last"``, ``"all"``, or a list of layer names.
 
     ``input_shape`` (default (1, 3, 32, 32)) is the shape of the input batch of the forward
-    pass that finds the layers. Raises a ValueError naming the unknown layers and listing
-    the known ones.
+    pass that finds the layers (see :func:`~distortion.experiments.models.quantizable_layers`).
+    Raises a ValueError naming the unknown layers and listing the known ones, or naming the
+    type of a layer that is not supported. A layer whose weight is tied to others stands
+    for all of them: their names map to it, and it is quantized once.
     """
     from distortion.experiments._torch_state import modes_kept
-    from distortion.experiments.models import last_linear, quantizable_layers
+    from distortion.experiments.models import (
+        SUPPORTED_LAYER_TYPES,
+        _discover,
+        _example,
+        last_linear,
+    )
 
     with modes_kept(model):  # its forward pass in eval mode resets the submodules' modes
-        kw = {} if input_shape is None else {"input_shape": tuple(input_shape)}
-        known = [info.name for info in quantizable_layers(model, **kw)]
+        model.eval()
+        shape = (1, 3, 32, 32) if input_shape is None else tuple(input_shape)
+        found = _discover(model, _example(model, shape))
+    known = [s.name for s in found.layers]
     if isinstance(layers, str):
         if layers == "all":
             return known
         if layers == "last":
-            return [last_linear(model).name]
+            name = last_linear(model).name
+            return [found.aliases.get(name, name)]
         layers = [layers]
     layers = list(layers)
     if not layers:
         raise ValueError("layers is empty: pass 'last', 'all' or a list of layer names")
-    unknown = [name for name in layers if name not in known]
+    bad = [f"{n!r}: {found.unsupported[n]}" for n in layers if n in found.unsupported]
+    if bad:
+        raise ValueError(
+            f"layer(s) not supported: {'; '.join(bad)} (supported types: "
+            f"{', '.join(SUPPORTED_LAYER_TYPES)})"
+        )
+    unknown = [name for name in layers if name not in known and name not in found.aliases]
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown}; quantizable layers are: {', '.join(known)}")
-    return layers
+    # a tied weight is quantized once, under the name that stands for all its uses
+    return list(dict.fromkeys(found.aliases.get(n, n) for n in layers))
 
 
 def quantize_model(
@@ -811,12 +828,16 @@ def _logits(model: Any, dataset: Any, batch_size: int, dev: Any, progress: bool,
     import torch
     from tqdm.auto import tqdm
 
+    from distortion.experiments.sensitivity import _batches, _n_samples
+
     out = []
-    total = -(-len(dataset) // batch_size)
+    n = _n_samples(dataset)
+    total = None if n is None else -(-n // batch_size)
     with torch.inference_mode():
         for x, _ in tqdm(
-            dataset.batches(batch_size), total=total, desc=desc, disable=not progress, leave=False
-        ):
+            _batches(dataset, batch_size), total=total, desc=desc, disable=not progress,
+            leave=False,
+        ):  # fmt: skip
             out.append(model(x.to(dev)).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -831,6 +852,9 @@ def predict_logits(
     desc: str = "predict",
 ) -> np.ndarray:
     """Logits of ``model`` on every image of ``dataset``, shape (n_samples, K), float32.
+
+    ``dataset`` is any form :func:`~distortion.experiments.sensitivity.gradient_grams`
+    accepts (ImageDataset, DataLoader, Dataset, (x, y) or an input tensor).
 
     The model is run on ``device`` in eval mode and then left as it was (its tensors back on
     their devices, every submodule back in its own training mode).
@@ -862,8 +886,11 @@ def measure(
     ----------
     model : torch.nn.Module
         The float network; not modified, and left on its device in its training mode.
-    dataset : ImageDataset
-        Images and labels (``dataset.batches``, ``dataset.labels``).
+    dataset : ImageDataset, DataLoader, Dataset or (x, y)
+        Labelled samples: an ImageDataset (``dataset.batches``, ``dataset.labels``), a
+        ``torch.utils.data.DataLoader`` of (x, y) batches (not shuffled), a ``TensorDataset``
+        or other map-style ``Dataset`` of (x, y) items, or a pair of inputs (N, ...) and
+        labels (N,).
     quantizer : UniformQuantizer or dict of layer name to UniformQuantizer
         One quantizer for every layer of ``layers``, or one per layer (a mixed allocation:
         its keys are the layers, ``layers`` is ignored, and every layer's quantizer is kept
@@ -891,7 +918,11 @@ def measure(
     c = _level(confidence_level, confidence)
     qs = _check_quantizers(quantizer)
     repeats = _check_repeats(qs, repeats)
-    labels = np.asarray(dataset.labels)
+    from distortion.experiments.sensitivity import _batches, _data_info
+
+    _, labels, _ = _data_info(dataset, fingerprint=False)
+    if labels is None:
+        raise ValueError("measure needs labels: pass (x, y), or a DataLoader of (x, y) batches")
     if reference_logits is None:
         reference_logits = predict_logits(
             model, dataset, batch_size=batch_size, device=device, progress=progress, desc="float"
@@ -908,7 +939,7 @@ def measure(
     preds = []
     per_layer: dict[str, UniformQuantizer] = {}
     sizes: dict[str, int] = {}
-    x0, _ = next(iter(dataset.batches(1)))
+    x0, _ = next(iter(_batches(dataset, 1)))
     shape = (1, *tuple(x0.shape[1:]))
     for r in range(repeats):
         qmodel, qt = quantize_model(

@@ -12,8 +12,9 @@ gradient code of the other modules relies on:
   linear layer (after global pooling), and the logits ``z = W x + b``;
 - :func:`last_linear`: that layer, with its name (``"linear"`` for CIFAR ResNets, ``"fc"``
   for torchvision ResNets);
-- :func:`quantizable_layers`: every convolution and linear layer in the order the forward
-  pass runs them (batch-norm layers are not quantized);
+- :func:`quantizable_layers`: every convolution, linear layer and attention projection in
+  the order the forward pass runs them, for any network (norm layers are not quantized;
+  ``theory/multilayer.md``, section 12);
 - :func:`get_layer`: a layer by name (``model.get_submodule`` with a clear error).
 
 A layer's weight is ``get_layer(model, info.name).weight`` (shape ``info.weight_shape``).
@@ -55,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MODELS",
+    "SUPPORTED_LAYER_TYPES",
+    "AttentionProjection",
     "BasicBlock",  # noqa: F822 (created on first access, see __getattr__)
     "CifarResNet",  # noqa: F822 (created on first access, see __getattr__)
     "FeaturesAndLogits",
@@ -561,14 +564,25 @@ class FeaturesAndLogits(NamedTuple):
 class LayerInfo:
     """A quantizable layer: its name, kind and weight shape.
 
-    The weight is ``get_layer(model, name).weight``: (out, in, kh, kw) for a convolution,
-    (out, in) for a linear layer.
+    The weight is ``get_layer(model, name).weight``: (out, in, k...) for a convolution,
+    (out, in) for a linear layer or an attention projection (the packed in-projection of
+    ``nn.MultiheadAttention`` is (3E, E), named ``<attention>.in_proj``).
+
+    Attributes
+    ----------
+    tied : tuple of str
+        Other layers (module names) that use the same weight tensor; the layer stands for
+        all of them and its Jacobian is the total one, through every use.
+    parameter : str
+        Dotted name of the weight in ``model.named_parameters()`` (for ``functional_call``).
     """
 
     name: str
     kind: Literal["conv", "linear"]
     weight_shape: tuple[int, ...]
     has_bias: bool
+    tied: tuple[str, ...] = ()
+    parameter: str = ""
 
     def n_weights(self) -> int:
         """Number of weight entries."""
@@ -576,6 +590,20 @@ class LayerInfo:
         for s in self.weight_shape:
             n *= s
         return n
+
+
+class AttentionProjection(NamedTuple):
+    """An input projection of ``nn.MultiheadAttention``, a layer that is not a module.
+
+    ``weight`` is the live parameter (``in_proj_weight`` of shape (3E, E), or
+    ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` when the key and value
+    dimensions differ from E), ``bias`` its part of ``in_proj_bias`` (None when absent) and
+    ``attention`` the module.
+    """
+
+    weight: Any  # nn.Parameter
+    bias: Any  # torch.Tensor or None
+    attention: Any  # nn.MultiheadAttention
 
 
 def last_linear(model: nn.Module) -> NamedLayer:
@@ -631,42 +659,286 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return forward_with_features(model, x).features
 
 
-def quantizable_layers(
-    model: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 32, 32)
-) -> list[LayerInfo]:
-    """Return the convolutions and linear layers in the order the forward pass runs them.
+#: The layer types whose per-sample weight gradients :mod:`~distortion.experiments.sensitivity`
+#: computes (``nn.MultiheadAttention`` stands for its input and output projections).
+SUPPORTED_LAYER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear", "MultiheadAttention")
 
-    The order is found by one forward pass on zeros of ``input_shape`` in eval mode (the
-    model's mode is restored). Layers the forward pass never calls are left out;
-    batch-norm layers are not quantized and not listed.
+#: Attention input projections: layer-name suffix -> parameter of nn.MultiheadAttention.
+_ATTENTION_INPUTS = {
+    "in_proj": "in_proj_weight",
+    "q_proj": "q_proj_weight",
+    "k_proj": "k_proj_weight",
+    "v_proj": "v_proj_weight",
+}
+
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    """How the forward pass uses one quantizable weight (internal to discovery)."""
+
+    name: str  # the layer: a module, or "<attention>.in_proj" / "<attention>.out_proj"
+    kind: Literal["conv", "linear"]
+    role: Literal["module", "in_proj", "q_proj", "k_proj", "v_proj", "out_proj"]
+    parameter: str  # dotted parameter name of the weight
+    hooked: tuple[str, ...]  # modules whose own calls use the weight (tied ones included)
+    batch_dims: tuple[int, ...]  # per hooked module: the batch dimension of its input
+    # (attention projections are found by their weight inside the attention call)
+    tied: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Discovery:
+    """Result of :func:`_discover`: the supported layers in forward order, the others."""
+
+    layers: tuple[_LayerSpec, ...]
+    unsupported: dict[str, str]  # layer name -> why (names its type)
+    aliases: dict[str, str]  # a tied layer's other names -> the name that stands for it
+
+    def spec(self, name: str) -> _LayerSpec:
+        return {s.name: s for s in self.layers}[self.aliases.get(name, name)]
+
+
+def _is_norm(m: nn.Module) -> bool:
+    from torch import nn
+
+    norms: tuple[type, ...] = (
+        nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    )  # fmt: skip
+    if hasattr(nn, "RMSNorm"):
+        norms += (nn.RMSNorm,)
+    return isinstance(m, norms)
+
+
+def _own_weights(m: nn.Module) -> list[str]:
+    """Names of the module's own weight-like parameters (``weight``, ``*_weight``, ``weight_*``)."""
+    return [
+        k for k, v in m._parameters.items()
+        if v is not None and (k == "weight" or k.endswith("_weight") or k.startswith("weight_"))
+    ]  # fmt: skip
+
+
+class _NoFastPath:
+    """A no-op ``TorchFunctionMode``: while active, the transformer fast paths (which skip
+    the sub-module calls) are off, since they require no ``__torch_function__`` override."""
+
+    def __new__(cls):
+        from torch.overrides import TorchFunctionMode
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        return _Mode()
+
+
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    """A module call's input tensor: the first positional one, else ``input`` / ``query``."""
+    import torch
+
+    if args:
+        return args[0] if isinstance(args[0], torch.Tensor) else None
+    a = kwargs.get("input", kwargs.get("query"))
+    return a if isinstance(a, torch.Tensor) else None
+
+
+def _batch_dim(s2: tuple[int, ...], s3: tuple[int, ...]) -> int | str:
+    """The batch dimension from an input's shapes at batch sizes 2 and 3, or why not."""
+    if len(s2) != len(s3):
+        return f"its input has {len(s2)} dimensions at batch size 2 and {len(s3)} at 3"
+    diff = [d for d, (a, b) in enumerate(zip(s2, s3, strict=True)) if a != b]
+    if not diff:
+        return "its input does not carry the batch dimension"
+    if len(diff) > 1 or s2[diff[0]] != 2 or s3[diff[0]] != 3:
+        return (
+            f"its input merges the batch with another dimension (shape {s2} at batch size 2, "
+            f"{s3} at 3)"
+        )
+    return diff[0]
+
+
+def _discover(model: nn.Module, example: torch.Tensor) -> _Discovery:
+    """Find the quantizable layers the forward pass uses, in call order.
+
+    Two forward passes (batch sizes 2 and 3, copies of ``example[:1]``, eval mode, no
+    gradient, transformer fast paths off) record every call of a module that owns a weight;
+    comparing the input shapes of the two passes gives each layer's batch dimension.
+    Norm layers are not quantized. Weights reachable from several modules (tied) form one
+    layer, named after its first call.
     """
     import torch
     from torch import nn
 
-    order: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            handles.append(
-                m.register_forward_pre_hook(lambda mod, inp, name=name: order.append(name))
-            )
-    was_training = model.training
+    aliases_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases_of.setdefault(id(m), []).append(n)
+    out_projs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    supported = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    watched: dict[str, nn.Module] = {}
+    for n, m in model.named_modules():
+        if id(m) in out_projs or _is_norm(m):
+            continue
+        if isinstance(m, (nn.MultiheadAttention, *supported)) or _own_weights(m):
+            watched[n] = m
+    calls: dict[int, list[tuple[str, tuple[int, ...] | None]]] = {2: [], 3: []}
+    current: list[list] = []
+
+    def pre_hook(name):
+        def hook(mod, args, kwargs):
+            a = _first_input(args, kwargs)
+            current[0].append((name, None if a is None else tuple(a.shape)))
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(pre_hook(n), with_kwargs=True) for n, m in watched.items()
+    ]
+    p = next(iter(model.parameters()), None)
+    x1 = example[:1]
+    if p is not None and x1.is_floating_point():
+        x1 = x1.to(p.dtype)
     try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.inference_mode():
-            model(torch.zeros(input_shape, dtype=p.dtype, device=p.device))
+        with torch.no_grad(), _NoFastPath():
+            for b in (2, 3):
+                current[:] = [calls[b]]
+                model(x1.repeat(b, *([1] * (x1.ndim - 1))))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    seen: list[str] = list(dict.fromkeys(order))
+    order = list(dict.fromkeys(n for n, _ in calls[2]))
+    if not order:
+        raise ValueError(
+            f"model {type(model).__name__} calls no layer with a weight (supported types: "
+            f"{', '.join(SUPPORTED_LAYER_TYPES)})"
+        )
+    shapes2: dict[str, list] = {}
+    shapes3: dict[str, list] = {}
+    for n, s in calls[2]:
+        shapes2.setdefault(n, []).append(s)
+    for n, s in calls[3]:
+        shapes3.setdefault(n, []).append(s)
+
+    # every use of a weight: (layer name, role, parameter object, module name, batch dim)
+    uses: list[tuple[str, str, Any, str, int | str, str]] = []
+    unsupported: dict[str, str] = {}
+    for n in order:
+        m = watched[n]
+        prefix = f"{n}." if n else ""
+        if isinstance(m, nn.MultiheadAttention):
+            q2 = shapes2[n]
+            bad = next((s for s in q2 if s is None or len(s) != 3), "ok")
+            why = "ok" if bad == "ok" else "it is called on an unbatched (2-D) input"
+            inputs = ["in_proj"] if m._qkv_same_embed_dim else ["q_proj", "k_proj", "v_proj"]
+            for role in [*inputs, "out_proj"]:
+                pname = "out_proj.weight" if role == "out_proj" else _ATTENTION_INPUTS[role]
+                w = m.out_proj.weight if role == "out_proj" else getattr(m, pname)
+                uses.append((prefix + role, role, w, n, 1 if why == "ok" else why, prefix + pname))
+            continue
+        if not isinstance(m, supported):
+            unsupported[n] = f"it is a {type(m).__name__}"
+            for k in _own_weights(m):
+                uses.append((n, "unsupported", m._parameters[k], n, "-", prefix + k))
+            continue
+        s2, s3 = shapes2.get(n, []), shapes3.get(n, [])
+        dims: set[int | str] = set()
+        if len(s2) != len(s3) or any(a is None for a in s2 + s3):
+            dims.add("it is called a different number of times at batch sizes 2 and 3")
+        else:
+            dims.update(_batch_dim(a, b) for a, b in zip(s2, s3, strict=True))
+        is_conv = isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        if len(dims) == 1 and is_conv and dims != {0}:
+            dims = {"its input is not batched along its first dimension"}
+        bd = dims.pop() if len(dims) == 1 else "its calls have different batch dimensions"
+        uses.append((n, "module", m.weight, n, bd, prefix + "weight"))
+
+    # group the uses by weight tensor (tied weights, aliased modules)
+    groups: dict[int, list[int]] = {}
+    for i, u in enumerate(uses):
+        groups.setdefault(id(u[2]), []).append(i)
+    layers: list[_LayerSpec] = []
+    aliases: dict[str, str] = {}
+    for idx in groups.values():
+        first = uses[idx[0]]
+        name, role = first[0], first[1]
+        names = list(dict.fromkeys(uses[i][0] for i in idx))
+        for i in idx:  # the same module under other names
+            mod_name, r = uses[i][3], uses[i][1]
+            for a in aliases_of.get(id(watched[mod_name]), []):
+                if a != mod_name:
+                    names.append(a if r in ("module", "unsupported") else f"{a}.{r}".lstrip("."))
+        names = list(dict.fromkeys(names))
+        tied = tuple(a for a in names if a != name)
+        bad = [
+            f"{uses[i][0]!r} ({unsupported.get(uses[i][0]) or uses[i][4]})"
+            for i in idx
+            if uses[i][1] == "unsupported" or isinstance(uses[i][4], str)
+        ]
+        if bad:
+            if len(idx) > 1:
+                for a in names:
+                    unsupported[a] = f"its weight is shared with {', '.join(bad)}"
+            elif name not in unsupported:
+                unsupported[name] = str(first[4])
+            continue
+        for a in tied:
+            aliases[a] = name
+        module = watched[first[3]] if role == "module" else None
+        kind: Literal["conv", "linear"] = (
+            "conv" if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) else "linear"
+        )
+        layers.append(
+            _LayerSpec(
+                name=name, kind=kind, role=role, parameter=first[5],
+                hooked=tuple(uses[i][3] for i in idx if uses[i][1] == "module"),
+                batch_dims=tuple(uses[i][4] for i in idx if uses[i][1] == "module"),
+                tied=tied,
+            )  # fmt: skip
+        )
+    return _Discovery(tuple(layers), unsupported, aliases)
+
+
+def _example(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    p = next(model.parameters())
+    return torch.zeros(input_shape, dtype=p.dtype, device=p.device)
+
+
+def quantizable_layers(
+    model: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 32, 32)
+) -> list[LayerInfo]:
+    """Return the quantizable layers in the order the forward pass runs them.
+
+    Convolutions (``nn.Conv1d/2d/3d``, grouped and depthwise included), linear layers and the
+    projections of ``nn.MultiheadAttention`` (the packed input projection as
+    ``<attention>.in_proj``, the output projection as ``<attention>.out_proj``; the linear
+    layers of ``nn.TransformerEncoderLayer`` are plain ``nn.Linear``). The order is found by
+    forward passes on zeros shaped like ``input_shape`` (its batch size replaced by 2 and 3)
+    in eval mode (the model's mode is restored). Layers the forward pass never calls are
+    left out; norm layers are not quantized and not listed, nor are layers of an
+    unsupported type (see :data:`SUPPORTED_LAYER_TYPES`). A weight tensor shared by several
+    modules is listed once, under its first use, with the others in ``tied``.
+    """
+    found = _discover_kept_modes(model, input_shape)
     out = []
-    for name in seen:
-        m = model.get_submodule(name)
-        kind: Literal["conv", "linear"] = "linear" if isinstance(m, nn.Linear) else "conv"
-        out.append(LayerInfo(name, kind, tuple(m.weight.shape), m.bias is not None))
+    for s in found.layers:
+        layer = get_layer(model, s.name)
+        out.append(
+            LayerInfo(
+                s.name, s.kind, tuple(layer.weight.shape), layer.bias is not None,
+                s.tied, s.parameter,
+            )  # fmt: skip
+        )
     return out
+
+
+def _discover_kept_modes(model: nn.Module, input_shape: tuple[int, ...]) -> _Discovery:
+    was = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        return _discover(model, _example(model, input_shape))
+    finally:
+        for m, f in was:
+            m.training = f
 
 
 def layer_table(model: nn.Module) -> pd.DataFrame:
@@ -679,13 +951,38 @@ def layer_table(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "kind", "weight_shape", "n_weights", "has_bias"])
 
 
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """Return the sub-module called ``name`` (e.g. ``"layer1.0.conv1"``, ``"linear"``)."""
+def get_layer(model: nn.Module, name: str) -> Any:
+    """Return the layer called ``name`` (e.g. ``"layer1.0.conv1"``, ``"linear"``).
+
+    A sub-module (``model.get_submodule``), or for ``"<attention>.in_proj"`` (and
+    ``q_proj`` / ``k_proj`` / ``v_proj``) of an ``nn.MultiheadAttention`` an
+    :class:`AttentionProjection`; either way ``.weight`` is the layer's weight parameter
+    and ``.bias`` its bias (or None).
+    """
+    from torch import nn
+
     try:
         return model.get_submodule(name)
     except AttributeError:
+        pass
+    parent, _, leaf = name.rpartition(".")
+    if leaf in _ATTENTION_INPUTS:
+        try:
+            m = model.get_submodule(parent)
+        except AttributeError:
+            m = None
+        is_attention = isinstance(m, nn.MultiheadAttention)
+        w = getattr(m, _ATTENTION_INPUTS[leaf], None) if is_attention else None
+        if w is not None:
+            bias = m.in_proj_bias
+            if bias is not None and leaf != "in_proj":
+                bias = bias.chunk(3)[list(_ATTENTION_INPUTS).index(leaf) - 1]
+            return AttentionProjection(w, bias, m)
+    try:
         names = [li.name for li in quantizable_layers(model)]
-        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        raise ValueError(
-            f"model {type(model).__name__} has no layer {name!r}; quantizable layers: {shown}"
-        ) from None
+    except Exception:  # the default input shape may not fit the model
+        names = [n for n, m in model.named_modules() if _own_weights(m)]
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise ValueError(
+        f"model {type(model).__name__} has no layer {name!r}; quantizable layers: {shown}"
+    ) from None

@@ -9,7 +9,10 @@ of a unit-variance uniform error (eq. L12). It runs one forward pass and K backw
 passes per batch: the backward pass of :math:`\sum_i z_k(x_i)` gives every layer's
 *output* gradient per sample (samples are independent in eval mode), and the per-sample
 weight gradient of a linear or convolution layer is the product of that output gradient
-with the layer's (unfolded) input [1]_ — no per-sample loop. The result is cached on disk
+with the layer's (unfolded) input [1]_ — no per-sample loop (eq. L13). Layers are found in
+any network (:func:`resolve_quantizable`): ``nn.Conv1d/2d/3d``, ``nn.Linear`` and the
+projections of ``nn.MultiheadAttention``, whose inputs and outputs a ``TorchFunctionMode``
+records (section 12 of ``theory/multilayer.md``). The result is cached on disk
 under a key of the weights, the data, the layers and the options.
 
 :func:`hessian_trace` estimates :math:`\operatorname{Tr}(H_\ell)` of the cross-entropy
@@ -36,6 +39,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,41 +67,192 @@ _FORMAT = "distortion.GradientGrams"
 
 
 # ----------------------------------------------------------------------------- data
-def _batches(data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
-    """Yield ``(x, y)`` batches (y may be None) from an ImageDataset, (x, y) or a tensor."""
+_ACCEPTED = (
+    "an ImageDataset (or any object with batches(batch_size) and len), a "
+    "torch.utils.data.DataLoader of (x, y) batches (not shuffled), a TensorDataset or other "
+    "map-style Dataset of (x, y) items, an (x, y) pair of a tensor/array of shape (N, ...) and "
+    "labels of shape (N,), or an input tensor/array alone"
+)
+
+
+def _kind(data: Any) -> str:
+    """Which accepted form ``data`` is: "dataset", "loader", "pair", "array"; else ValueError."""
+    if hasattr(data, "batches") and hasattr(data, "__len__"):
+        return "dataset"
+    try:
+        import torch.utils.data as tud
+    except ImportError:  # pragma: no cover
+        tud = None
+    if tud is not None and isinstance(data, tud.DataLoader):
+        if isinstance(data.sampler, tud.RandomSampler):
+            raise ValueError(
+                "the DataLoader shuffles (shuffle=True): every pass would see another order; "
+                "pass one with shuffle=False"
+            )
+        return "loader"
+    if tud is not None and isinstance(data, tud.TensorDataset):
+        return "pair" if len(data.tensors) in (1, 2) else "bad"
+    if tud is not None and isinstance(data, tud.Dataset) and hasattr(data, "__len__"):
+        return "loader"
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return "pair"
+    if hasattr(data, "shape") and hasattr(data, "dtype"):  # tensor or ndarray
+        return "array"
+    return "bad"
+
+
+def _check_kind(data: Any) -> str:
+    kind = _kind(data)
+    if kind == "bad":
+        raise ValueError(f"data must be {_ACCEPTED}; got {type(data).__name__}")
+    return kind
+
+
+def _pair(data: Any) -> tuple[Any, Any]:
+    import torch.utils.data as tud
+
+    if isinstance(data, tud.TensorDataset):
+        t = data.tensors
+        return (t[0], t[1]) if len(t) == 2 else (t[0], None)
+    if isinstance(data, tuple | list):
+        return data[0], data[1]
+    return data, None
+
+
+def _loader(data: Any, batch_size: int) -> Any:
+    import torch.utils.data as tud
+
+    if isinstance(data, tud.DataLoader):
+        return data
+    return tud.DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def _split_item(item: Any) -> tuple[Any, Any]:
     import torch
 
-    if hasattr(data, "batches"):
+    if isinstance(item, torch.Tensor):
+        return item, None
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return torch.as_tensor(item[0]), torch.as_tensor(item[1])
+    raise ValueError(
+        f"DataLoader batches must be (x, y) pairs or input tensors, got {type(item).__name__}"
+        + (f" of length {len(item)}" if isinstance(item, tuple | list) else "")
+    )
+
+
+def _rechunk(batches: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Batches of exactly ``batch_size`` samples (the last one shorter), in order."""
+    import torch
+
+    xs: list[Any] = []
+    ys: list[Any] = []
+    n = 0
+    for item in batches:
+        x, y = _split_item(item)
+        xs.append(x)
+        ys.append(y)
+        n += x.shape[0]
+        while n >= batch_size:
+            xa = torch.cat(xs) if len(xs) > 1 else xs[0]
+            ya = None if ys[0] is None else (torch.cat(ys) if len(ys) > 1 else ys[0])
+            yield xa[:batch_size], None if ya is None else ya[:batch_size]
+            xs, ys = [xa[batch_size:]], [None if ya is None else ya[batch_size:]]
+            n -= batch_size
+    if n:
+        xa = torch.cat(xs)
+        yield xa, None if ys[0] is None else torch.cat(ys)
+
+
+def _batches(data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(x, y)`` batches (y may be None) from any accepted data form (``_ACCEPTED``).
+
+    A DataLoader's (or Dataset's) batches are re-cut to ``batch_size`` samples, so that
+    every form of the same samples gives the same batches.
+    """
+    import torch
+
+    kind = _check_kind(data)
+    if kind == "dataset":
         yield from data.batches(batch_size)
         return
-    if isinstance(data, tuple | list) and len(data) == 2:
-        x, y = data
-    else:
-        x, y = data, None
+    if kind == "loader":
+        yield from _rechunk(_loader(data, batch_size), batch_size)
+        return
+    x, y = _pair(data)
     x = torch.as_tensor(x)
     yt = None if y is None else torch.as_tensor(np.asarray(y))
     for s in range(0, x.shape[0], batch_size):
         yield x[s : s + batch_size], None if yt is None else yt[s : s + batch_size]
 
 
-def _data_info(data: Any) -> tuple[int, np.ndarray | None, str]:
-    """(number of samples, labels or None, fingerprint) of the accepted data forms."""
-    if hasattr(data, "batches"):
+def _n_samples(data: Any) -> int | None:
+    """Number of samples without reading them (for progress bars; None when unknown)."""
+    kind = _check_kind(data)
+    if kind == "dataset":
+        return len(data)
+    if kind == "loader":
+        ds = getattr(data, "dataset", data)
+        return len(ds) if hasattr(ds, "__len__") else None
+    return int(_pair(data)[0].shape[0])
+
+
+def _loader_info(data: Any, fingerprint: bool) -> tuple[int, np.ndarray | None, str]:
+    """One pass over a DataLoader: samples, labels and a sha256 of inputs and labels."""
+    from tqdm.auto import tqdm
+
+    h = hashlib.sha256(b"loader")
+    n, labels, rest, dtype = 0, [], None, None
+    loader = _loader(data, 256)
+    for item in tqdm(loader, desc="reading data", disable=None, leave=False):
+        x, y = _split_item(item)
+        if rest is None:
+            rest, dtype = tuple(x.shape[1:]), x.dtype
+            has_y = y is not None
+        if tuple(x.shape[1:]) != rest or (y is not None) != has_y:
+            raise ValueError(
+                f"the DataLoader's batches differ in sample shape or labels: {rest} then "
+                f"{tuple(x.shape[1:])}"
+            )
+        if fingerprint:
+            h.update(np.ascontiguousarray(x.detach().cpu().numpy()).tobytes())
+        if y is not None:
+            ya = np.asarray(y.detach().cpu().numpy())
+            if ya.shape != (x.shape[0],):
+                raise ValueError(f"labels must have shape ({x.shape[0]},), got {ya.shape}")
+            labels.append(ya.astype(np.int64))
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("the DataLoader gives no samples")
+    lab = np.concatenate(labels) if labels else None
+    h.update(repr((n, rest, str(dtype))).encode())
+    if lab is not None:
+        h.update(lab.tobytes())
+    return n, lab, h.hexdigest()
+
+
+def _data_info(data: Any, *, fingerprint: bool = True) -> tuple[int, np.ndarray | None, str]:
+    """(number of samples, labels or None, fingerprint) of the accepted data forms.
+
+    A DataLoader is read once for this (it must give the same samples on every pass: no
+    shuffling, no random augmentation). ``fingerprint=False`` skips hashing the inputs.
+    """
+    kind = _check_kind(data)
+    if kind == "dataset":
         labels = getattr(data, "labels", None)
-        fp = getattr(data, "fingerprint", None)
+        fp = getattr(data, "fingerprint", None) if fingerprint else ""
         if fp is None:
             fp = getattr(data, "dataset_id", repr(data))
         return len(data), None if labels is None else np.asarray(labels, np.int64), str(fp)
-    if isinstance(data, tuple | list) and len(data) == 2:
-        x, y = data
-    else:
-        x, y = data, None
+    if kind == "loader":
+        return _loader_info(data, fingerprint)
+    x, y = _pair(data)
     xa = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     if xa.ndim < 2 or xa.shape[0] == 0:
         raise ValueError(f"data must hold at least one sample (shape (N, ...)), got {xa.shape}")
     h = hashlib.sha256()
     h.update(repr((xa.shape, str(xa.dtype))).encode())
-    h.update(np.ascontiguousarray(xa).tobytes())
+    if fingerprint:
+        h.update(np.ascontiguousarray(xa).tobytes())
     labels = None
     if y is not None:
         labels = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
@@ -105,7 +260,7 @@ def _data_info(data: Any) -> tuple[int, np.ndarray | None, str]:
             raise ValueError(f"labels must have shape ({xa.shape[0]},), got {labels.shape}")
         labels = labels.astype(np.int64)
         h.update(labels.tobytes())
-    return xa.shape[0], labels, h.hexdigest()
+    return xa.shape[0], labels, h.hexdigest() if fingerprint else ""
 
 
 def _model_hash(model: nn.Module) -> str:
@@ -115,6 +270,76 @@ def _model_hash(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- layers
+def _discovery(model: nn.Module, example: torch.Tensor):
+    from distortion.experiments.models import _discover
+
+    return _discover(model, example)
+
+
+def _select(found: Any, model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """The chosen layer names (forward order) of a discovery; warns about tied weights and
+    skipped layers, raises a ValueError for unknown or unsupported ones."""
+    from distortion.experiments.models import SUPPORTED_LAYER_TYPES
+
+    known = [sp.name for sp in found.layers]
+    if not known:
+        raise ValueError(
+            f"model {type(model).__name__} calls no supported layer "
+            f"({', '.join(SUPPORTED_LAYER_TYPES)}); unsupported: {found.unsupported}"
+        )
+    if isinstance(layers, str):
+        if layers == "all":
+            if found.unsupported:
+                notes = "; ".join(f"{n!r}: {why}" for n, why in found.unsupported.items())
+                warnings.warn(
+                    f"layers='all' skips {len(found.unsupported)} layer(s) with weights that "
+                    f"are not supported (types {', '.join(SUPPORTED_LAYER_TYPES)}): {notes}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            names = known
+            _warn_tied(found, names)
+            return names
+        if layers == "last":
+            lin = [sp.name for sp in found.layers if sp.kind == "linear" and sp.role == "module"]
+            if not lin:
+                raise ValueError(f"model {type(model).__name__} has no nn.Linear layer")
+            _warn_tied(found, lin[-1:])
+            return lin[-1:]
+        layers = [layers]
+    names = list(layers)
+    if not names:
+        raise ValueError("layers is empty: pass 'last', 'all' or a list of layer names")
+    bad = {n: found.unsupported[n] for n in names if n in found.unsupported}
+    if bad:
+        raise ValueError(
+            "layer(s) not supported: "
+            + "; ".join(f"{n!r}: {why}" for n, why in bad.items())
+            + f" (supported types: {', '.join(SUPPORTED_LAYER_TYPES)})"
+        )
+    unknown = [n for n in names if n not in known and n not in found.aliases]
+    if unknown:
+        shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+        raise ValueError(f"unknown layer(s) {unknown}; quantizable layers are: {shown}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers must not repeat a name, got {names}")
+    kept = list(dict.fromkeys(found.aliases.get(n, n) for n in names))
+    _warn_tied(found, kept)
+    return sorted(kept, key=known.index)
+
+
+def _warn_tied(found: Any, names: list[str]) -> None:
+    tied = {sp.name: sp.tied for sp in found.layers if sp.name in names and sp.tied}
+    if tied:
+        warnings.warn(
+            "tied weights (one tensor used by several layers) are analysed once, under their "
+            "first use, with the Jacobian through every use: "
+            + "; ".join(f"{n!r} also as {', '.join(map(repr, t))}" for n, t in tied.items()),
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def resolve_quantizable(
     model: nn.Module, layers: str | Sequence[str], example: torch.Tensor
 ) -> list[str]:
@@ -124,93 +349,186 @@ def resolve_quantizable(
     ----------
     model : torch.nn.Module
     layers : "all", "last" or sequence of str
-        Every ``nn.Conv2d`` and ``nn.Linear`` the forward pass calls, the last
-        ``nn.Linear``, or the named layers.
+        Every supported layer the forward pass calls (``nn.Conv1d/2d/3d``, grouped and
+        depthwise included, ``nn.Linear``, and the input projection ``<attention>.in_proj``
+        and output projection ``<attention>.out_proj`` of ``nn.MultiheadAttention``), the
+        last ``nn.Linear``, or the named layers.
     example : torch.Tensor of shape (B, ...)
-        An input batch, to find the forward order.
+        An input batch, to find the forward order and each layer's batch dimension.
 
     Raises
     ------
     ValueError
-        An unknown layer or one that is not a Conv2d / Linear (the message lists the
-        quantizable layers).
-    """
-    import torch
-    from torch import nn
+        An unknown layer (the message lists the quantizable layers), or a named layer that
+        is not supported (the message names its type).
 
-    order: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            handles.append(m.register_forward_pre_hook(lambda mod, inp, n=name: order.append(n)))
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    known = list(dict.fromkeys(order))
-    if not known:
-        raise ValueError(f"model {type(model).__name__} calls no nn.Conv2d or nn.Linear layer")
-    if isinstance(layers, str):
-        if layers == "all":
-            return known
-        if layers == "last":
-            lin = [n for n in known if isinstance(model.get_submodule(n), nn.Linear)]
-            if not lin:
-                raise ValueError(f"model {type(model).__name__} has no nn.Linear layer")
-            return [lin[-1]]
-        layers = [layers]
-    names = list(layers)
-    if not names:
-        raise ValueError("layers is empty: pass 'last', 'all' or a list of layer names")
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
-        raise ValueError(f"unknown layer(s) {unknown}; quantizable layers are: {shown}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"layers must not repeat a name, got {names}")
-    return sorted(names, key=known.index)
+    Warns
+    -----
+    UserWarning
+        With ``layers="all"``, when layers with weights of an unsupported type are skipped
+        (listed); when a chosen weight is tied (used by several modules): it is analysed
+        once, under its first use.
+    """
+    return _select(_discovery(model, example), model, layers)
 
 
 # ----------------------------------------------------------------------------- per-sample J
-def _layer_input(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """The input as the weight sees it: (B, T, in) for a linear layer, the unfolded patches
-    (B, groups, in/groups * kh * kw, P) for a convolution."""
+def _unfold_nd(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Patches (B, C * prod(k), P) of a padded N-d input, channels then kernel offsets."""
+    nd = a.ndim - 2
+    for i in range(nd):
+        k, d, st = module.kernel_size[i], module.dilation[i], module.stride[i]
+        a = a.unfold(2 + i, d * (k - 1) + 1, st)
+        if d > 1:
+            a = a[..., ::d]
+    b, c = a.shape[:2]
+    perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return a.permute(perm).reshape(b, c * math.prod(module.kernel_size), -1)
+
+
+def _layer_input(module: nn.Module, a: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """The input as the weight sees it: (B, T, in) for a linear layer (samples along
+    ``batch_dim`` of ``a``), the unfolded patches (B, groups, in/groups * prod(k), P) for a
+    convolution. ``module=None`` stands for an attention projection (linear)."""
     import torch.nn.functional as F
     from torch import nn
 
+    if module is None or isinstance(module, nn.Linear):
+        if batch_dim:
+            a = a.movedim(batch_dim, 0)
+        return a.reshape(a.shape[0], -1, a.shape[-1])
     b = a.shape[0]
-    if isinstance(module, nn.Linear):
-        return a.reshape(b, -1, a.shape[-1])
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         pad = tuple(module._reversed_padding_repeated_twice)
         if any(pad):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             a = F.pad(a, pad, mode=mode)
-        u = F.unfold(a, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        if isinstance(module, nn.Conv2d):
+            u = F.unfold(a, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        else:
+            u = _unfold_nd(module, a)
         return u.reshape(b, module.groups, u.shape[1] // module.groups, -1)
     raise ValueError(
-        f"layer type {type(module).__name__} is not supported; only nn.Conv2d and nn.Linear"
+        f"layer type {type(module).__name__} is not supported; only nn.Conv1d/2d/3d, "
+        "nn.Linear and the projections of nn.MultiheadAttention"
     )
 
 
-def _per_sample_jacobian(module: nn.Module, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradient of ``sum(g * module(a))`` w.r.t. the weight, shape (B, n_weights).
+def _per_sample_jacobian(
+    module: nn.Module, u: torch.Tensor, g: torch.Tensor, batch_dim: int = 0
+) -> torch.Tensor:
+    r"""Per-sample gradient of ``sum(g * module(a))`` w.r.t. the weight, shape (B, n_weights).
 
     ``u`` is :func:`_layer_input` of the layer input, ``g`` the gradient at the layer's
-    output (one sample per row): the weight gradient is ``g U^T`` [1]_.
+    output (samples along ``batch_dim``): the weight gradient is ``g U^T`` [1]_, for a
+    linear layer on a sequence :math:`\sum_t g_t a_t^\top` (``theory/multilayer.md``,
+    eq. L13; ``module=None``: an attention projection).
     """
     import torch
     from torch import nn
 
-    b = g.shape[0]
-    if isinstance(module, nn.Linear):
+    if module is None or isinstance(module, nn.Linear):
+        if batch_dim:
+            g = g.movedim(batch_dim, 0)
+        b = g.shape[0]
         g2 = g.reshape(b, -1, g.shape[-1])
-        return torch.bmm(g2.transpose(1, 2), u).reshape(b, -1)  # (B, out * in)
+        return torch.bmm(g2.transpose(1, 2), u).reshape(b, -1)  # (B, out * in), (eq. L13)
+    b = g.shape[0]
     groups = u.shape[1]
     g2 = g.reshape(b, groups, g.shape[1] // groups, -1)
-    return torch.matmul(g2, u.transpose(2, 3)).reshape(b, -1)  # (B, out * in/groups * kh * kw)
+    return torch.matmul(g2, u.transpose(2, 3)).reshape(b, -1)  # (B, out * in/groups * prod k)
+
+
+def _attention_recorder(watch: dict[int, str], record: Any) -> Any:
+    r"""A ``TorchFunctionMode`` that runs ``F.multi_head_attention_forward`` with its watched
+    projections (weights whose ``id`` is in ``watch``) computed outside, so that their
+    inputs and outputs can be recorded: ``record(name, a, out, row_offset)``.
+
+    The in-projection is computed here exactly as inside (one packed product for
+    self-attention, q and kv for shared key/value, three otherwise) and handed over through
+    identity projection weights; the out-projection gets the identity and is applied here
+    to the attention output. A product with the identity is exact in floating point, so
+    the logits are those of the plain forward pass (section "Any module" of
+    ``theory/multilayer.md``).
+    """
+    import inspect
+
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    sig = inspect.signature(F.multi_head_attention_forward)
+
+    class _Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is not F.multi_head_attention_forward:
+                return func(*args, **kwargs)
+            ba = sig.bind(*args, **kwargs)
+            ba.apply_defaults()
+            p = ba.arguments
+            sep = p["use_separate_proj_weight"]
+            w_in = (
+                [p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]]
+                if sep
+                else [p["in_proj_weight"]]
+            )
+            watch_in = [watch.get(id(w)) for w in w_in]
+            out_name = watch.get(id(p["out_proj_weight"]))
+            if not any(watch_in) and out_name is None:
+                return func(*args, **kwargs)
+            q, k, v = p["query"], p["key"], p["value"]
+            if q.dim() != 3:
+                raise ValueError("an attention layer called on an unbatched input is not supported")
+            e = p["embed_dim_to_check"]
+            eye = torch.eye(e, dtype=q.dtype, device=q.device)
+            if any(watch_in):
+                b_in = p["in_proj_bias"]
+                bq = bk = bv = None
+                if b_in is not None:
+                    bq, bk, bv = b_in.chunk(3)
+                if not sep:
+                    w, name = w_in[0], watch_in[0]
+                    if k is v and q is k:  # self-attention: one packed product
+                        proj = F.linear(q, w, b_in)
+                        record(name, q, proj, 0)
+                        q, k, v = proj[..., :e], proj[..., e : 2 * e], proj[..., 2 * e :]
+                    elif k is v:  # shared key and value
+                        b_kv = None if b_in is None else b_in[e:]
+                        pq = F.linear(q, w[:e], bq)
+                        pkv = F.linear(k, w[e:], b_kv)
+                        record(name, q, pq, 0)
+                        record(name, k, pkv, e)
+                        q, k, v = pq, pkv[..., :e], pkv[..., e:]
+                    else:
+                        outs = []
+                        for i, (t, bi) in enumerate(((q, bq), (k, bk), (v, bv))):
+                            outs.append(F.linear(t, w[i * e : (i + 1) * e], bi))
+                            record(name, t, outs[-1], i * e)
+                        q, k, v = outs
+                else:
+                    outs = []
+                    triples = zip((q, k, v), w_in, (bq, bk, bv), watch_in, strict=True)
+                    for t, wi, bi, name in triples:
+                        outs.append(F.linear(t, wi, bi))
+                        if name is not None:
+                            record(name, t, outs[-1], 0)
+                    q, k, v = outs
+                p.update(query=q, key=k, value=v, in_proj_weight=None, in_proj_bias=None,
+                         use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
+                         v_proj_weight=eye)  # fmt: skip
+            w_out, b_out = p["out_proj_weight"], p["out_proj_bias"]
+            if out_name is not None:
+                p.update(out_proj_weight=eye, out_proj_bias=None)
+            y, weights = func(*ba.args, **ba.kwargs)
+            if out_name is not None:
+                t, bsz = y.shape[:2]
+                out = F.linear(y.reshape(t * bsz, e), w_out, b_out).view(t, bsz, -1)
+                record(out_name, y, out, 0)
+                y = out.clone()  # later in-place ops must not touch the recorded output
+            return y, weights
+
+    return _Recorder()
 
 
 def _uniform_draws(
@@ -243,13 +561,16 @@ def gradient_grams(
     Parameters
     ----------
     model : torch.nn.Module
-        Any network whose quantizable layers are ``nn.Conv2d`` / ``nn.Linear``; it is run
-        in eval mode (batch norm uses its running statistics, so samples are independent)
-        and left as it was.
-    data : ImageDataset, (x, y) or tensor
+        Any network; its quantizable layers are ``nn.Conv1d/2d/3d`` (grouped and depthwise
+        included), ``nn.Linear`` and the projections of ``nn.MultiheadAttention`` (see
+        :func:`resolve_quantizable`). It is run in eval mode (batch norm uses its running
+        statistics, so samples are independent) and left as it was.
+    data : ImageDataset, DataLoader, Dataset, (x, y) or tensor
         An :class:`~distortion.experiments.data.ImageDataset` (``batches``, ``labels``,
-        ``fingerprint``), a pair of an input tensor of shape (N, ...) and labels of shape
-        (N,), or an input tensor alone (no accuracy then).
+        ``fingerprint``), a ``torch.utils.data.DataLoader`` of (x, y) batches (not
+        shuffled; read once more for the labels and the cache key), a ``TensorDataset`` or
+        another map-style ``Dataset`` of (x, y) items, a pair of an input tensor of shape
+        (N, ...) and labels of shape (N,), or an input tensor alone (no accuracy then).
     layers : "all", "last" or sequence of str
         Layers to analyse (see :func:`resolve_quantizable`).
     granularity : {"tensor", "channel"}
@@ -270,11 +591,14 @@ def gradient_grams(
         Budget for the per-sample Jacobians of one batch (K x sum of layer sizes floats
         per sample).
     progress : bool
-        Show a progress bar.
+        Show a progress bar (on a terminal only).
 
     Returns
     -------
     GradientGrams
+        ``meta["tied"]`` maps each analysed layer whose weight several modules use to the
+        other names (the layer stands for all of them, once); ``meta["skipped"]`` lists the
+        layers with weights of unsupported types, with the reason.
 
     Notes
     -----
@@ -360,16 +684,22 @@ def _compute_grams(
 ) -> GradientGrams:  # fmt: skip
     import torch
 
-    modules = [model.get_submodule(n) for n in names]
-    shapes = [tuple(m.weight.shape) for m in modules]
+    from distortion.experiments.models import get_layer
+
+    example = next(iter(_batches(data, 2)))[0].to(device)
+    found = _discovery(model, example)
+    specs = [found.spec(n) for n in names]
+    params = [get_layer(model, n).weight for n in names]
+    shapes = [tuple(w.shape) for w in params]
     sizes = [math.prod(s) for s in shapes]
-    kinds = ["linear" if isinstance(m, torch.nn.Linear) else "conv" for m in modules]
-    weights = tuple(m.weight.detach().cpu().numpy().astype(np.float64) for m in modules)
-    dtype = modules[0].weight.dtype
+    kinds = [sp.kind for sp in specs]
+    weights = tuple(w.detach().cpu().numpy().astype(np.float64) for w in params)
+    dtype = params[0].dtype
     t0 = time.perf_counter()
     # one forward to learn K
     with torch.no_grad():
-        k = int(model(next(iter(_batches(data, 1)))[0].to(device)).shape[1])
+        x1 = next(iter(_batches(data, 1)))[0].to(device)
+        k = int(model(x1.to(dtype) if x1.is_floating_point() else x1).shape[1])
     if batch_size is None:
         per_sample = 4.0 * k * sum(sizes) * (2.0 if granularity == "channel" else 1.5)
         batch_size = int(max(1, min(256, memory_mb * 2**20 // max(per_sample, 1.0))))
@@ -387,37 +717,53 @@ def _compute_grams(
             e = _uniform_draws(sizes[i], n_real, prof, seed, i)
             draws.append(torch.as_tensor(e, dtype=dtype, device=device))
     iu = torch.triu_indices(k, k)
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {n: [] for n in names}
+    # per layer, every use in the forward pass: (input, output, input version, how), with
+    # how = (module or None for an attention projection, batch dimension, first output row)
+    records: dict[str, list[tuple[Any, Any, int, tuple[Any, int, int]]]] = {n: [] for n in names}
 
-    def make_hook(name: str):
-        def hook(module, inputs, output):
-            a = inputs[0].detach()
-            records[name].append((a, output, a._version))
+    def make_hook(name: str, bdim: int):
+        def hook(module, args, kwargs, output):
+            a = (args[0] if args else kwargs["input"]).detach()
+            records[name].append((a, output, a._version, (module, bdim, 0)))
             return output.clone()  # later in-place ops must not touch the recorded output
 
         return hook
 
-    saved_flags = [m.weight.requires_grad for m in modules]
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in zip(names, modules, strict=True)]
+    def record(name: str, a: Any, out: Any, row: int) -> None:
+        a = a.detach()
+        records[name].append((a, out, a._version, (None, 1, row)))
+
+    watch = {id(w): sp.name for sp, w in zip(specs, params, strict=True) if sp.role != "module"}
+    # a tied weight may also be used by an attention projection elsewhere
+    for sp, w in zip(specs, params, strict=True):
+        if sp.tied and sp.role == "module":
+            watch[id(w)] = sp.name
+    handles = [
+        model.get_submodule(m).register_forward_hook(make_hook(sp.name, bd), with_kwargs=True)
+        for sp in specs
+        for m, bd in zip(sp.hooked, sp.batch_dims, strict=True)
+    ]
+    saved_flags = [w.requires_grad for w in params]
     out_logits, out_grams, out_cgrams, out_proj = [], [], [], []
     n_batches = -(-n_total // batch_size)
     try:
-        for m in modules:
-            m.weight.requires_grad_(True)
+        for w in params:
+            w.requires_grad_(True)
         for x, _ in tqdm(
             _batches(data, batch_size), total=n_batches, desc="gradient grams",
-            disable=not progress, leave=False,
+            disable=None if progress else True, leave=False,
         ):  # fmt: skip
             for r in records.values():
                 r.clear()
-            x = x.to(device=device, dtype=dtype)
+            x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
             bsz = x.shape[0]
-            with torch.enable_grad():
+            recorder = _attention_recorder(watch, record) if watch else nullcontext()
+            with torch.enable_grad(), recorder:
                 z = model(x)
                 if z.ndim != 2 or z.shape[1] != k:
                     raise ValueError(f"model output must have shape (B, {k}), got {tuple(z.shape)}")
                 flat = [(n, rec) for n in names for rec in records[n]]
-                for n, (a, _, ver) in flat:
+                for n, (a, _, ver, _) in flat:
                     if a._version != ver:
                         raise ValueError(
                             f"the input of layer {n!r} was modified in place during the forward "
@@ -428,17 +774,24 @@ def _compute_grams(
                     n: torch.zeros((bsz, k, s), dtype=dtype, device=device)
                     for n, s in zip(names, sizes, strict=True)
                 }
-                mods = [model.get_submodule(n) for n, _ in flat]
-                inputs = [
-                    _layer_input(mod, rec[0]) for mod, (_, rec) in zip(mods, flat, strict=True)
-                ]
+                inputs = [_layer_input(rec[3][0], rec[0], rec[3][1]) for _, rec in flat]
+                cols = {n: s[-1] if len(s) == 2 else 0 for n, s in zip(names, shapes, strict=True)}
                 for c in range(k):
                     grads = torch.autograd.grad(
                         z[:, c].sum(), outs, retain_graph=c < k - 1, allow_unused=True
                     )
-                    for (n, _), mod, u, g in zip(flat, mods, inputs, grads, strict=True):
-                        if g is not None:
-                            jac[n][:, c, :] += _per_sample_jacobian(mod, u, g)
+                    for (n, rec), u, g in zip(flat, inputs, grads, strict=True):
+                        if g is None:
+                            continue
+                        mod, bdim, row = rec[3]
+                        j = _per_sample_jacobian(mod, u, g, bdim)
+                        if j.shape[0] != bsz:
+                            raise ValueError(
+                                f"layer {n!r}: {j.shape[0]} per-sample gradients for a batch "
+                                f"of {bsz}"
+                            )
+                        off = row * cols[n]
+                        jac[n][:, c, off : off + j.shape[1]] += j
                 del outs, flat, inputs
             for r in records.values():
                 r.clear()
@@ -468,8 +821,8 @@ def _compute_grams(
     finally:
         for h in handles:
             h.remove()
-        for m, f in zip(modules, saved_flags, strict=True):
-            m.weight.requires_grad_(f)
+        for w, f in zip(params, saved_flags, strict=True):
+            w.requires_grad_(f)
     seconds = time.perf_counter() - t0
     return GradientGrams(
         layer_names=tuple(names),
@@ -489,6 +842,8 @@ def _compute_grams(
             "granularity": granularity,
             "n_realizations": n_real,
             "seed": seed,
+            "tied": {sp.name: list(sp.tied) for sp in specs if sp.tied},
+            "skipped": dict(found.unsupported),
         },
     )
 
@@ -724,7 +1079,9 @@ def hessian_trace(
                     layer_names=tuple(names), n_params=z["n_params"], draws=z["draws"],
                     n_samples=int(z["n_samples"]), seed=seed,
                 )  # fmt: skip
-        params = [model.get_submodule(n).weight for n in names]
+        from distortion.experiments.models import get_layer
+
+        params = [get_layer(model, n).weight for n in names]  # attention projections too
         saved = [p.requires_grad for p in params]
         total = -(-n_total // batch_size)
         try:
