@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,25 +19,8 @@ from distortion.results import Band, ConfidenceInterval, Prediction
 
 torch = pytest.importorskip("torch")
 
+from _array_data import ArrayData  # noqa: E402
 from test_multilayer import tiny_net  # noqa: E402
-
-
-class ArrayData:
-    """The minimal dataset protocol of the all-layer stage, over in-memory tensors."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-        self.labels = y.numpy()
-        self.dataset_id = "tiny"
-        h = hashlib.sha256(x.numpy().tobytes() + self.labels.tobytes())
-        self.fingerprint = h.hexdigest()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def batches(self, batch_size):
-        for s in range(0, len(self), batch_size):
-            yield self.x[s : s + batch_size], self.y[s : s + batch_size]
 
 
 def _tiny(n=600, seed=1):

@@ -3,8 +3,6 @@ layer, no compression changes nothing, the table has its key columns, and the ca
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 
@@ -22,27 +20,10 @@ from distortion.quantize import UniformQuantizer
 
 torch = pytest.importorskip("torch")
 
+from _array_data import ArrayData  # noqa: E402
 from test_multilayer import tiny_net  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "conv3", "fc1", "fc2"]
-
-
-class ArrayData:
-    """The minimal dataset protocol of the all-layer stage, over in-memory tensors."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-        self.labels = y.numpy()
-        self.dataset_id = "tiny"
-        h = hashlib.sha256(x.numpy().tobytes() + self.labels.tobytes())
-        self.fingerprint = h.hexdigest()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def batches(self, batch_size):
-        for s in range(0, len(self), batch_size):
-            yield self.x[s : s + batch_size], self.y[s : s + batch_size]
 
 
 @pytest.fixture(scope="module")

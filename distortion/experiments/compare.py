@@ -43,6 +43,7 @@ __all__ = [
     "compare_all_layers",
     "compare_last_layer",
     "first_order_actual_flips",
+    "linearized_prediction",
     "quantizer_grid",
 ]
 
@@ -599,6 +600,34 @@ def _dither_reference(
     )  # fmt: skip
 
 
+def linearized_prediction(
+    model: Any,
+    data: Any,
+    errors: dict[str, Any],
+    reference_predictions: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 250,
+) -> tuple[Prediction, np.ndarray]:
+    r"""Level 2L: the network linearized in its weights, moved by the actual ``errors``.
+
+    Returns the :class:`Prediction` (exact on these images: zero stderr, no band) and the
+    first-order logit perturbation :math:`\sum_\ell J_\ell\,\mathrm{vec}(E_\ell)`,
+    shape (n_samples, K).
+    """
+    z, z_lin = first_order_actual_flips(model, data, errors, batch_size=batch_size)
+    pred_lin = z_lin.argmax(axis=1)
+    acc_f = float(np.mean(reference_predictions == labels))
+    acc_lin = float(np.mean(pred_lin == labels))
+    p = Prediction(
+        level="2L", flip_rate=float(np.mean(pred_lin != reference_predictions)),
+        flip_rate_stderr=0.0, accuracy_loss=acc_f - acc_lin, accuracy_loss_stderr=0.0,
+        accuracy_float=acc_f, accuracy_compressed=acc_lin, n_samples=len(labels),
+        method="jvp",
+    )  # fmt: skip
+    return p, z_lin - z
+
+
 def compare_all_layers(
     model: Any,
     data: Any,
@@ -707,15 +736,8 @@ def compare_all_layers(
         l3 = multilayer_distortion(
             grams, m2, seed=seed, band=grams.projections is not None
         )
-        _, z_lin = first_order_actual_flips(model, data, {k: c.detail for k, c in comp.items()})
-        pred_lin = z_lin.argmax(axis=1)
-        acc_f = float(np.mean(pred == labels))
-        acc_lin = float(np.mean(pred_lin == labels))
-        l2 = Prediction(
-            level="2L", flip_rate=float(np.mean(pred_lin != pred)), flip_rate_stderr=0.0,
-            accuracy_loss=acc_f - acc_lin, accuracy_loss_stderr=0.0, accuracy_float=acc_f,
-            accuracy_compressed=acc_lin, n_samples=n, method="jvp",
-        )  # fmt: skip
+        l2, _ = linearized_prediction(model, data, {k: c.detail for k, c in comp.items()},
+                                      pred, labels)  # fmt: skip
         sakr = sakr_bound(grams, variances=m2)
         hawq = hawq_v2_sensitivity(trace, [float(np.sum(comp[k].error ** 2)) for k in names])
         key = {

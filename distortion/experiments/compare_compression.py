@@ -58,7 +58,7 @@ import pandas as pd
 
 from distortion.compression import realization_seed
 from distortion.experiments.compare import Comparison, ComparisonCell
-from distortion.results import Prediction, resolution_tolerance
+from distortion.results import resolution_tolerance
 
 __all__ = [
     "COMPRESSION_COLUMNS",
@@ -384,7 +384,7 @@ def compare_compression(
         :data:`COMPRESSION_COLUMNS`.
     """
     from distortion.experiments import _cache
-    from distortion.experiments.compare import first_order_actual_flips
+    from distortion.experiments.compare import linearized_prediction
     from distortion.experiments.measure import predict_logits
     from distortion.experiments.models import get_layer
     from distortion.experiments.sensitivity import _data_info, _model_hash, gradient_grams
@@ -418,7 +418,6 @@ def compare_compression(
     pred = logits.argmax(axis=1)
     n = len(labels)
     k_classes = logits.shape[1]
-    acc_f = float(np.mean(pred == labels))
     data_key = {"model": _model_hash(model), "data": _data_info(data)[2], "layers": names}
     cells = []
     for i, (family, strength, comp) in enumerate(configs):
@@ -445,14 +444,9 @@ def compare_compression(
         )  # fmt: skip
         band = grams.projections is not None
         l3 = multilayer_distortion(grams, m2, seed=realization_seed(seed, i), band=band)
-        z, z_lin = first_order_actual_flips(model, data, compressed, batch_size=batch_size)
-        pred_lin = z_lin.argmax(axis=1)
-        acc_lin = float(np.mean(pred_lin == labels))
-        l2 = Prediction(
-            level="2L", flip_rate=float(np.mean(pred_lin != pred)), flip_rate_stderr=0.0,
-            accuracy_loss=acc_f - acc_lin, accuracy_loss_stderr=0.0, accuracy_float=acc_f,
-            accuracy_compressed=acc_lin, n_samples=n, method="jvp",
-        )  # fmt: skip
+        l2, dz = linearized_prediction(
+            model, data, compressed, pred, labels, batch_size=batch_size
+        )
         l3p = l3.to_prediction()
         sq = [float(np.sum(compressed[k].error ** 2)) for k in names]
         sakr = sakr_bound(grams, variances=m2) if baselines else None
@@ -468,7 +462,7 @@ def compare_compression(
             "error_model_random": bool(all(compressed[k].error_model.random for k in names)),
             "noise_check": abs(l3p.flip_rate - l2.flip_rate) / max(l2.flip_rate, 1.0 / n),
             "noise_in_band": in_band,
-            "noise_energy_ratio": noise_energy_ratio(grams, m2, z_lin - z),
+            "noise_energy_ratio": noise_energy_ratio(grams, m2, dz),
         }
         cell_key = {
             "model": model_name,
