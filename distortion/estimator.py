@@ -464,6 +464,7 @@ class AccuracyLossEstimator:
         *,
         layers: str | Sequence[str] | None = None,
         granularity: Literal["tensor", "channel"] | None = None,
+        competitors: int | None = None,
     ) -> AccuracyLossEstimator:
         """Fit the multi-layer model: per-sample Gram matrices of the logit Jacobians.
 
@@ -484,6 +485,10 @@ class AccuracyLossEstimator:
             Default: the ``layers`` given to the constructor.
         granularity : {"tensor", "channel"}, optional
             Default: the quantizer's.
+        competitors : int, optional
+            For many classes: keep the m nearest competitors of each sample (m + 2 backward
+            passes per batch instead of K; the prediction's band carries the bound on the
+            other classes, ``theory/multilayer.md`` eq. L17-L20). None: all K classes.
 
         Returns
         -------
@@ -504,6 +509,7 @@ class AccuracyLossEstimator:
             device=self.device,
             cache_dir=self.cache_dir,
             progress=self.progress,
+            competitors=competitors,
         )
         return self.fit_grams(grams)
 

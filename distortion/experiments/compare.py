@@ -644,6 +644,7 @@ def compare_all_layers(
     error_rule: str = "uniform",
     hessian: str = "gauss-newton",
     n_dither_realizations: int = 0,
+    competitors: int | None = None,
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -678,6 +679,9 @@ def compare_all_layers(
     progress : bool
     error_rule : {"uniform", "empirical"}
         The second moment level 3L uses (:func:`distortion.compression.error_second_moment`).
+    competitors : int, optional
+        Grams of the m nearest competitors only (many classes, ``theory/multilayer.md``
+        eq. L17-L20); None: all K.
 
     Returns
     -------
@@ -698,6 +702,7 @@ def compare_all_layers(
     grams = gradient_grams(
         model, data, layers=layers, granularity="channel" if need_channel else "tensor",
         n_realizations=n_realizations, seed=seed, cache_dir=cache_dir, progress=progress,
+        competitors=competitors,
     )  # fmt: skip
     names = list(grams.layer_names)
     if hessian == "gauss-newton":

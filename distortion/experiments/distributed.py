@@ -659,6 +659,7 @@ def merge_grams(
             and _same_arrays(s.projection_scales, first.projection_scales)
             and all((getattr(s, a) is None) == (getattr(first, a) is None) for a in per_sample)
             and (s.projections is None or s.projections.shape[2] == first.projections.shape[2])
+            and _same_truncation(s.truncation, first.truncation)
         )
         if not same:
             raise ValueError(
@@ -676,8 +677,38 @@ def merge_grams(
         **arrays,
         projection_scales=first.projection_scales,
         weights=first.weights,
+        truncation=_merge_truncation([s.truncation for s in shards]),
         key=first.key if key is None else key,
         meta=dict(first.meta) if meta is None else dict(meta),
+    )
+
+
+def _same_truncation(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (
+        a.n_classes == b.n_classes
+        and a.n_probes == b.n_probes
+        and a.classes.shape[1] == b.classes.shape[1]
+        and (a.channel_tail is None) == (b.channel_tail is None)
+    )
+
+
+def _merge_truncation(parts: Sequence[Any]) -> Any:
+    """The shards' :class:`~distortion.theory.multilayer.Truncation` stacked (or None)."""
+    from distortion.theory.multilayer import Truncation
+
+    first = parts[0]
+    if first is None:
+        return None
+    ct = None if first.channel_tail is None else np.concatenate([p.channel_tail for p in parts])
+    return Truncation(
+        classes=np.concatenate([p.classes for p in parts]),
+        n_classes=first.n_classes,
+        tail=np.concatenate([p.tail for p in parts]),
+        channel_tail=ct,
+        tail_margin=np.concatenate([p.tail_margin for p in parts]),
+        n_probes=first.n_probes,
     )
 
 
@@ -689,7 +720,7 @@ def _same_arrays(a: Sequence[np.ndarray] | None, b: Sequence[np.ndarray] | None)
 
 def _grams_batch_size(
     model: nn.Module, dataset: ImageDataset, names: list[str], granularity: str, memory_mb: int,
-    device: str,
+    device: str, competitors: int | None = None,
 ) -> int:  # fmt: skip
     """The batch size ``gradient_grams`` picks from ``memory_mb`` (same formula)."""
     import torch
@@ -700,6 +731,8 @@ def _grams_batch_size(
     with evaluated_on(model, device) as dev, torch.no_grad():
         x, _ = next(iter(dataset.batches(1)))
         k = int(model(x.to(device=dev, dtype=next(model.parameters()).dtype)).shape[1])
+    if competitors is not None:
+        k = min(int(competitors) + 1, k)
     per_sample = 4.0 * k * sum(sizes) * (2.0 if granularity == "channel" else 1.5)
     return int(max(1, min(256, memory_mb * 2**20 // max(per_sample, 1.0))))
 
@@ -720,6 +753,8 @@ def sharded_gradient_grams(
     load_merged: bool = True,
     keep_shards: bool = False,
     progress: bool = False,
+    competitors: int | None = None,
+    tail_probes: int = 2,
 ) -> GradientGrams | None:
     r""":func:`~distortion.experiments.sensitivity.gradient_grams`, sharded over the ranks.
 
@@ -728,8 +763,9 @@ def sharded_gradient_grams(
     model, dataset, cache_dir, n_shards, device, load_merged, keep_shards, progress
         As in :func:`sharded_extract_features` (shards go to ``shards/grams/``, the merged
         result to ``grams/`` where ``gradient_grams`` caches it).
-    layers, granularity, n_realizations, seed, memory_mb
-        As in ``gradient_grams``.
+    layers, granularity, n_realizations, seed, memory_mb, competitors, tail_probes
+        As in ``gradient_grams`` (the tail probes are seeded by the images' positions in
+        the source, so the shards draw what one process draws).
     batch_size : int, optional
         Samples per batch and the alignment of the shards; default the size
         ``gradient_grams`` derives from ``memory_mb``.
@@ -763,11 +799,18 @@ def sharded_gradient_grams(
         x, _ = next(iter(dataset.batches(2)))
         names = resolve_quantizable(model, layers, x.to(d))
     if batch_size is None:
-        batch_size = _grams_batch_size(model, dataset, names, granularity, memory_mb, dev)
-    key = _grams_key(model, dataset.fingerprint, names, granularity, int(n_realizations), int(seed))
+        batch_size = _grams_batch_size(
+            model, dataset, names, granularity, memory_mb, dev, competitors
+        )
+    truncate = None if competitors is None else (int(competitors), int(tail_probes))
+    key = _grams_key(
+        model, dataset.fingerprint, names, granularity, int(n_realizations), int(seed), truncate
+    )
     merged_file = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
     opts = {"layers": names, "granularity": granularity, "n_realizations": int(n_realizations),
             "seed": int(seed), "batch_size": int(batch_size)}  # fmt: skip
+    if truncate is not None:
+        opts["competitors"], opts["tail_probes"] = truncate
 
     def load(path: Path, k: str) -> GradientGrams | None:
         return _cache.load_cached(path, load_grams, key=k, key_of=lambda g: g.key)
@@ -777,6 +820,7 @@ def sharded_gradient_grams(
             model, shard_dataset(dataset, start, stop), layers=names, granularity=granularity,
             n_realizations=int(n_realizations), batch_size=batch_size, seed=int(seed),
             device=dev, cache=False, progress=progress and ctx.is_main,
+            competitors=competitors, tail_probes=tail_probes,
         )  # fmt: skip
 
     def save(g: GradientGrams, path: Path, k: str) -> None:

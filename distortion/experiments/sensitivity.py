@@ -9,7 +9,7 @@ of a unit-variance uniform error (eq. L12). It runs one forward pass and K backw
 passes per batch: the backward pass of :math:`\sum_i z_k(x_i)` gives every layer's
 *output* gradient per sample (samples are independent in eval mode), and the per-sample
 weight gradient of a linear or convolution layer is the product of that output gradient
-with the layer's (unfolded) input [1]_ — no per-sample loop (eq. L13). Layers are found in
+with the layer's (unfolded) input [1]_ — no per-sample loop (eq. L16). Layers are found in
 any network (:func:`resolve_quantizable`): ``nn.Conv1d/2d/3d``, ``nn.Linear`` and the
 projections of ``nn.MultiheadAttention``, whose inputs and outputs a ``TorchFunctionMode``
 records (section 12 of ``theory/multilayer.md``). The result is cached on disk
@@ -47,7 +47,7 @@ import numpy as np
 
 from distortion.experiments import _cache, _paths
 from distortion.theory.baselines import HessianTrace
-from distortion.theory.multilayer import GradientGrams
+from distortion.theory.multilayer import GradientGrams, Truncation
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -422,7 +422,7 @@ def _per_sample_jacobian(
     ``u`` is :func:`_layer_input` of the layer input, ``g`` the gradient at the layer's
     output (samples along ``batch_dim``): the weight gradient is ``g U^T`` [1]_, for a
     linear layer on a sequence :math:`\sum_t g_t a_t^\top` (``theory/multilayer.md``,
-    eq. L13; ``module=None``: an attention projection).
+    eq. L16; ``module=None``: an attention projection).
     """
     import torch
     from torch import nn
@@ -432,7 +432,7 @@ def _per_sample_jacobian(
             g = g.movedim(batch_dim, 0)
         b = g.shape[0]
         g2 = g.reshape(b, -1, g.shape[-1])
-        return torch.bmm(g2.transpose(1, 2), u).reshape(b, -1)  # (B, out * in), (eq. L13)
+        return torch.bmm(g2.transpose(1, 2), u).reshape(b, -1)  # (B, out * in), (eq. L16)
     b = g.shape[0]
     groups = u.shape[1]
     g2 = g.reshape(b, groups, g.shape[1] // groups, -1)
@@ -555,6 +555,8 @@ def gradient_grams(
     cache_dir: str | os.PathLike[str] | None = None,
     memory_mb: int = 256,
     progress: bool = True,
+    competitors: int | None = None,
+    tail_probes: int = 2,
 ) -> GradientGrams:
     r"""Per-sample Gram matrices of the logit Jacobian of each layer, cached on disk.
 
@@ -592,6 +594,14 @@ def gradient_grams(
         per sample).
     progress : bool
         Show a progress bar (on a terminal only).
+    competitors : int, optional
+        Keep only the m nearest competitors of each sample (the classes of smallest float
+        margin, eq. L17): m + tail_probes backward passes per batch instead of K, memory
+        N x (m+1)^2 per layer instead of N x K^2 — for many classes (ImageNet's 1 000). The
+        result carries a :class:`~distortion.theory.multilayer.Truncation`. None: all K.
+    tail_probes : int
+        Rademacher probes of the Hutchinson estimate of what the other classes could add
+        (eq. L18), behind the bound of eq. L19 (0: no bound). Only with ``competitors``.
 
     Returns
     -------
@@ -617,6 +627,21 @@ def gradient_grams(
         raise ValueError(f"n_realizations must be an integer >= 0, got {n_realizations!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if competitors is not None and (
+        isinstance(competitors, bool) or not isinstance(competitors, int | np.integer)
+        or competitors < 1
+    ):  # fmt: skip
+        raise ValueError(
+            f"competitors must be a positive integer (the nearest classes kept), got "
+            f"{competitors!r}; pass None to keep all classes"
+        )
+    if (
+        isinstance(tail_probes, bool)
+        or not isinstance(tail_probes, int | np.integer)
+        or (tail_probes < 0)
+    ):
+        raise ValueError(f"tail_probes must be an integer >= 0, got {tail_probes!r}")
+    truncate = None if competitors is None else (int(competitors), int(tail_probes))
     n_total, labels, data_fp = _data_info(data)
     if n_total == 0:
         raise ValueError("data holds no samples")
@@ -626,7 +651,9 @@ def gradient_grams(
     with evaluated_on(model, device) as dev:
         first_x, _ = next(iter(_batches(data, 2)))
         names = resolve_quantizable(model, layers, first_x.to(dev))
-        key = _grams_key(model, data_fp, names, granularity, int(n_realizations), int(seed))
+        key = _grams_key(
+            model, data_fp, names, granularity, int(n_realizations), int(seed), truncate
+        )
         path = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
         # a missing, unreadable, garbled or stale file: a CacheWarning, then recomputed
         if cache:
@@ -635,7 +662,7 @@ def gradient_grams(
                 return cached
         grams = _compute_grams(
             model, data, names, granularity, int(n_realizations), batch_size, int(seed),
-            dev, memory_mb, progress, n_total, labels, key, tqdm,
+            dev, memory_mb, progress, n_total, labels, key, tqdm, truncate,
         )  # fmt: skip
     meta = dict(grams.meta)
     meta.update({"data": data_fp, "dataset_id": str(getattr(data, "dataset_id", "arrays"))})
@@ -662,7 +689,13 @@ def _replace_meta(grams: GradientGrams, meta: dict[str, Any]) -> GradientGrams:
 
 
 def _grams_key(
-    model: nn.Module, data_fp: str, names: list[str], granularity: str, r: int, seed: int
+    model: nn.Module,
+    data_fp: str,
+    names: list[str],
+    granularity: str,
+    r: int,
+    seed: int,
+    truncate: tuple[int, int] | None = None,
 ) -> str:
     payload = {
         "cache": "grams",
@@ -675,12 +708,16 @@ def _grams_key(
         "seed": seed if r else None,
         "dtype": str(next(model.parameters()).dtype),
     }
+    if truncate is not None:  # absent for full Grams: their keys do not change
+        payload["competitors"] = truncate[0]
+        payload["tail_probes"] = truncate[1]
+        payload["tail_seed"] = seed if truncate[1] else None
     return _cache.content_key(payload)
 
 
 def _compute_grams(
     model, data, names, granularity, n_real, batch_size, seed, device, memory_mb, progress,
-    n_total, labels, key, tqdm,
+    n_total, labels, key, tqdm, truncate=None,
 ) -> GradientGrams:  # fmt: skip
     import torch
 
@@ -700,8 +737,12 @@ def _compute_grams(
     with torch.no_grad():
         x1 = next(iter(_batches(data, 1)))[0].to(device)
         k = int(model(x1.to(dtype) if x1.is_floating_point() else x1).shape[1])
+    # kept columns M: all K, or the float decision and its m nearest competitors (eq. L17)
+    n_keep = k if truncate is None else min(truncate[0] + 1, k)
+    n_probes = 0 if truncate is None or n_keep == k else truncate[1]
+    sample_ids = _sample_ids(data, n_total)
     if batch_size is None:
-        per_sample = 4.0 * k * sum(sizes) * (2.0 if granularity == "channel" else 1.5)
+        per_sample = 4.0 * n_keep * sum(sizes) * (2.0 if granularity == "channel" else 1.5)
         batch_size = int(max(1, min(256, memory_mb * 2**20 // max(per_sample, 1.0))))
     profiles = []
     draws = []
@@ -716,7 +757,7 @@ def _compute_grams(
         if n_real:
             e = _uniform_draws(sizes[i], n_real, prof, seed, i)
             draws.append(torch.as_tensor(e, dtype=dtype, device=device))
-    iu = torch.triu_indices(k, k)
+    iu = torch.triu_indices(n_keep, n_keep)
     # per layer, every use in the forward pass: (input, output, input version, how), with
     # how = (module or None for an attention projection, batch dimension, first output row)
     records: dict[str, list[tuple[Any, Any, int, tuple[Any, int, int]]]] = {n: [] for n in names}
@@ -745,7 +786,9 @@ def _compute_grams(
     ]
     saved_flags = [w.requires_grad for w in params]
     out_logits, out_grams, out_cgrams, out_proj = [], [], [], []
+    out_classes, out_tail, out_ctail, out_tmargin = [], [], [], []
     n_batches = -(-n_total // batch_size)
+    start = 0
     try:
         for w in params:
             w.requires_grad_(True)
@@ -771,15 +814,43 @@ def _compute_grams(
                         )
                 outs = [rec[1] for _, rec in flat]
                 jac = {
-                    n: torch.zeros((bsz, k, s), dtype=dtype, device=device)
+                    n: torch.zeros((bsz, n_keep, s), dtype=dtype, device=device)
                     for n, s in zip(names, sizes, strict=True)
                 }
                 inputs = [_layer_input(rec[3][0], rec[0], rec[3][1]) for _, rec in flat]
                 cols = {n: s[-1] if len(s) == 2 else 0 for n, s in zip(names, shapes, strict=True)}
-                for c in range(k):
+                # what each backward pass differentiates: logit c (all K kept), or per
+                # sample z_j - z_yhat for a kept competitor j (eq. L17), or a Rademacher
+                # combination of the classes not kept (eq. L18); None = z[:, c].sum()
+                if n_keep == k:
+                    kept = None
+                    passes = [(c, None) for c in range(k)]
+                else:
+                    kept = torch.argsort(z.detach(), dim=1, descending=True, stable=True)
+                    kept = kept[:, :n_keep]
+                    passes = [
+                        (r, _margin_seed(kept[:, r], kept[:, 0], k)) for r in range(1, n_keep)
+                    ]
+                    passes += [
+                        (-1, g)
+                        for g in _tail_probes(
+                            kept, k, n_probes, seed, sample_ids[start : start + bsz]
+                        )
+                    ]
+                tail = None
+                if n_probes:
+                    tail = {
+                        n: torch.zeros((bsz, s), dtype=torch.float64)
+                        for n, s in zip(names, sizes, strict=True)
+                    }
+                for pi, (c, seed_grad) in enumerate(passes):
+                    target = z[:, c].sum() if seed_grad is None else z
                     grads = torch.autograd.grad(
-                        z[:, c].sum(), outs, retain_graph=c < k - 1, allow_unused=True
-                    )
+                        target, outs,
+                        grad_outputs=None if seed_grad is None else seed_grad.to(z.device, z.dtype),
+                        retain_graph=pi < len(passes) - 1, allow_unused=True,
+                    )  # fmt: skip
+                    probe = {} if c < 0 else None
                     for (n, rec), u, g in zip(flat, inputs, grads, strict=True):
                         if g is None:
                             continue
@@ -791,19 +862,38 @@ def _compute_grams(
                                 f"of {bsz}"
                             )
                         off = row * cols[n]
-                        jac[n][:, c, off : off + j.shape[1]] += j
+                        if probe is None:
+                            jac[n][:, c, off : off + j.shape[1]] += j
+                        else:
+                            acc = probe.setdefault(n, j.new_zeros((bsz, sizes[names.index(n)])))
+                            acc[:, off : off + j.shape[1]] += j
+                    if probe is not None:
+                        for n, acc in probe.items():
+                            tail[n] += acc.to(torch.float64).cpu() ** 2 / n_probes  # (eq. L18)
                 del outs, flat, inputs
             for r in records.values():
                 r.clear()
-            out_logits.append(z.detach().to(torch.float64).cpu().numpy())
-            bg = np.empty((bsz, len(names), k, k))
+            zb = z.detach().to(torch.float64).cpu().numpy()
+            if kept is not None:
+                kc = kept.cpu().numpy()
+                out_classes.append(kc)
+                zk = np.take_along_axis(zb, kc, axis=1)
+                zz = zb.copy()
+                np.put_along_axis(zz, kc, -np.inf, axis=1)
+                out_tmargin.append(zk[:, 0] - zz.max(axis=1))
+                zb = zk
+            out_logits.append(zb)
+            bg = np.empty((bsz, len(names), n_keep, n_keep))
             bc = [] if granularity == "channel" else None
-            bp = np.empty((bsz, len(names), n_real, k), np.float32) if n_real else None
+            bp = np.empty((bsz, len(names), n_real, n_keep), np.float32) if n_real else None
+            if kept is not None:
+                bt = np.zeros((bsz, len(names)))
+                btc = [] if granularity == "channel" else None
             for li, n in enumerate(names):
                 jd = jac[n].to(torch.float64)
                 if granularity == "channel":
                     c_out = shapes[li][0]
-                    jc = jd.reshape(bsz, k, c_out, -1)
+                    jc = jd.reshape(bsz, n_keep, c_out, -1)
                     gc = torch.einsum("bkci,bjci->bckj", jc, jc)  # (eq. L3), per channel
                     bg[:, li] = gc.sum(1).cpu().numpy()
                     bc.append(gc[:, :, iu[0], iu[1]].to(torch.float32).cpu().numpy())
@@ -811,7 +901,17 @@ def _compute_grams(
                     bg[:, li] = torch.bmm(jd, jd.transpose(1, 2)).cpu().numpy()  # (eq. L3)
                 if n_real:
                     bp[:, li] = torch.matmul(jac[n], draws[li]).transpose(1, 2).cpu().numpy()
+                if kept is not None and tail is not None:
+                    t = tail[n]
+                    bt[:, li] = t.sum(1).numpy()
+                    if btc is not None:
+                        btc.append(t.reshape(bsz, shapes[li][0], -1).sum(2).numpy())
                 del jd
+            if kept is not None:
+                out_tail.append(bt)
+                if btc:
+                    out_ctail.append(np.concatenate(btc, axis=1).astype(np.float32))
+            start += bsz
             out_grams.append(bg)
             if bc is not None:
                 out_cgrams.append(np.concatenate(bc, axis=1))
@@ -824,6 +924,17 @@ def _compute_grams(
         for w, f in zip(params, saved_flags, strict=True):
             w.requires_grad_(f)
     seconds = time.perf_counter() - t0
+    truncation = None
+    if out_classes:
+        truncation = Truncation(
+            classes=np.concatenate(out_classes),
+            n_classes=k,
+            tail=np.concatenate(out_tail),
+            channel_tail=np.concatenate(out_ctail) if out_ctail else None,
+            tail_margin=np.concatenate(out_tmargin),
+            n_probes=n_probes,
+        )
+        labels = _local_labels(labels, truncation.classes)
     return GradientGrams(
         layer_names=tuple(names),
         layer_kinds=tuple(kinds),
@@ -835,9 +946,11 @@ def _compute_grams(
         projections=np.concatenate(out_proj) if out_proj else None,
         projection_scales=tuple(profiles) if n_real else None,
         weights=weights,
+        truncation=truncation,
         key=key,
         meta={
             "seconds": seconds,
+            "backward_passes": n_keep - 1 + n_probes if truncate is not None else k,
             "batch_size": batch_size,
             "granularity": granularity,
             "n_realizations": n_real,
@@ -846,6 +959,52 @@ def _compute_grams(
             "skipped": dict(found.unsupported),
         },
     )
+
+
+def _sample_ids(data: Any, n: int) -> np.ndarray:
+    """Stable ids of the samples (an ImageDataset's source positions, else 0..n-1), which
+    seed the tail probes: a shard of a dataset draws what the whole dataset draws."""
+    ids = getattr(data, "indices", None)
+    if isinstance(ids, np.ndarray) and ids.shape == (n,):
+        return ids.astype(np.int64)
+    return np.arange(n, dtype=np.int64)
+
+
+def _margin_seed(j: Any, ref: Any, k: int) -> Any:
+    """Per-sample output gradient of :math:`z_j - z_{ref}`, shape (B, K) (eq. L17)."""
+    import torch
+
+    g = torch.zeros((j.shape[0], k), dtype=torch.float64)
+    rows = torch.arange(j.shape[0])
+    g[rows, j] += 1.0
+    g[rows, ref] -= 1.0
+    return g
+
+
+def _tail_probes(kept: Any, k: int, n_probes: int, seed: int, ids: np.ndarray) -> list[Any]:
+    r"""Output gradients of :math:`\sum_{j \notin S} \varepsilon_j (z_j - z_{\hat y})`
+    with Rademacher :math:`\varepsilon` drawn per sample from ``(seed, id)`` (eq. L18)."""
+    import torch
+
+    if not n_probes:
+        return []
+    eps = np.stack(
+        [np.random.default_rng([seed, 4409, int(i)]).integers(0, 2, (n_probes, k)) for i in ids]
+    )  # (B, P, K)
+    eps = 2.0 * eps - 1.0
+    kc = kept.cpu().numpy()
+    for r in range(kc.shape[1]):
+        eps[np.arange(len(ids)), :, kc[:, r]] = 0.0
+    eps[np.arange(len(ids)), :, kc[:, 0]] = -eps.sum(axis=2)
+    return [torch.as_tensor(eps[:, p]) for p in range(n_probes)]
+
+
+def _local_labels(labels: np.ndarray | None, classes: np.ndarray) -> np.ndarray | None:
+    """Labels as column indices of the kept classes, -1 when a label is not kept."""
+    if labels is None:
+        return None
+    hit = classes == labels[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- cache files
@@ -865,6 +1024,13 @@ def save_grams(grams: GradientGrams, path: str | os.PathLike[str]) -> Path:
         arrays["projection_scales"] = np.concatenate(grams.projection_scales)
     if grams.weights is not None:
         arrays["weights"] = np.concatenate([w.ravel() for w in grams.weights])
+    tr = grams.truncation
+    if tr is not None:
+        arrays["kept_classes"] = tr.classes
+        arrays["tail"] = tr.tail
+        arrays["tail_margin"] = tr.tail_margin
+        if tr.channel_tail is not None:
+            arrays["channel_tail"] = tr.channel_tail
     header = {
         "format": _FORMAT,
         "version": _CACHE_VERSION,
@@ -874,6 +1040,8 @@ def save_grams(grams: GradientGrams, path: str | os.PathLike[str]) -> Path:
         "key": grams.key,
         "meta": _cache.jsonable(grams.meta),
     }
+    if tr is not None:
+        header["truncation"] = {"n_classes": tr.n_classes, "n_probes": tr.n_probes}
     arrays["header"] = np.array(json.dumps(header))
     return _cache.atomic_savez(path, **arrays)
 
@@ -926,6 +1094,14 @@ def _grams_from_arrays(header: dict, arrays: dict, path: Path) -> GradientGrams:
         off = np.cumsum([0] + [s[0] for s in shapes])
         ps = arrays["projection_scales"]
         scales = tuple(ps[off[i] : off[i + 1]] for i in range(len(shapes)))
+    truncation = None
+    if "truncation" in header:
+        t = header["truncation"]
+        truncation = Truncation(
+            classes=arrays["kept_classes"], n_classes=int(t["n_classes"]), tail=arrays["tail"],
+            channel_tail=arrays.get("channel_tail"), tail_margin=arrays["tail_margin"],
+            n_probes=int(t["n_probes"]),
+        )  # fmt: skip
     return GradientGrams(
         layer_names=tuple(header["layer_names"]),
         layer_kinds=tuple(header["layer_kinds"]),
@@ -937,6 +1113,7 @@ def _grams_from_arrays(header: dict, arrays: dict, path: Path) -> GradientGrams:
         projections=arrays.get("projections"),
         projection_scales=scales,
         weights=weights,
+        truncation=truncation,
         key=str(header.get("key", "")),
         meta={**header.get("meta", {}), "cache_file": str(path)},
     )

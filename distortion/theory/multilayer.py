@@ -59,12 +59,15 @@ __all__ = [
     "MarginStatistics",
     "MultilayerDistortion",
     "OrthantResult",
+    "TAIL_CONSTANT",
+    "Truncation",
     "knapsack_allocation",
     "layer_contributions",
     "margin_statistics",
     "multilayer_distortion",
     "noise_covariance",
     "orthant_flip",
+    "truncation_tail_bound",
 ]
 
 OrthantMethod = Literal["radial", "independent", "union"]
@@ -74,6 +77,141 @@ PRUNE_TOLERANCE = 1e-12
 
 
 # ----------------------------------------------------------------------------- the cache
+@dataclass(frozen=True, eq=False)
+class Truncation:
+    r"""The nearest competitors a truncated :class:`GradientGrams` keeps (eq. L17-L20).
+
+    A network with many classes is analysed on the :math:`M = m + 1` classes
+    :math:`S_i = \{\hat y_i, c_{i1}, \dots, c_{im}\}` of smallest float margins; the Grams
+    are those of the gradients :math:`\partial(z_j - z_{\hat y})/\partial W_\ell`,
+    :math:`j \in S_i` (zero for :math:`j = \hat y_i`, eq. L17), which determine every margin
+    among the kept classes. The others are bounded, not modelled (eq. L19).
+
+    Attributes
+    ----------
+    classes : int array of shape (N, M)
+        The network's class index of each kept column; column 0 is the float decision.
+    n_classes : int
+        K, the number of classes of the network.
+    tail : array of shape (N, L)
+        Hutchinson estimate of :math:`T_{i\ell} = \sum_{j \notin S_i}
+        \|\partial(z_j - z_{\hat y})/\partial W_\ell\|^2` (eq. L18), float64.
+    channel_tail : array of shape (N, C) or None
+        The same per output channel (per-channel steps), float32.
+    tail_margin : array of shape (N,)
+        :math:`d_i = z_{\hat y} - \max_{j \notin S_i} z_j` (+inf when every class is kept).
+    n_probes : int
+        Rademacher probes behind ``tail`` (0: no tail estimate; the bound is then unknown).
+    """
+
+    classes: np.ndarray = field(repr=False)  # (N, M)
+    n_classes: int
+    tail: np.ndarray = field(repr=False)  # (N, L)
+    channel_tail: np.ndarray | None = field(default=None, repr=False)  # (N, C)
+    tail_margin: np.ndarray = field(default=None, repr=False)  # (N,)
+    n_probes: int = 0
+
+    def __post_init__(self) -> None:
+        cls = np.asarray(self.classes)
+        if cls.ndim != 2 or not np.issubdtype(cls.dtype, np.integer):
+            raise ValueError(f"classes must be an integer array of shape (N, M), got {cls.shape}")
+        k = int(self.n_classes)
+        if cls.shape[1] < 2 or cls.shape[1] > k:
+            raise ValueError(f"classes must keep 2..{k} columns, got {cls.shape[1]}")
+        if cls.size and (cls.min() < 0 or cls.max() >= k):
+            raise ValueError(f"classes must lie in 0..{k - 1}")
+        n = cls.shape[0]
+        tail = np.asarray(self.tail, dtype=np.float64)
+        if tail.ndim != 2 or tail.shape[0] != n:
+            raise ValueError(f"tail must have shape (N, L) with N = {n}, got {tail.shape}")
+        if not np.all(np.isfinite(tail)) or np.any(tail < 0):
+            raise ValueError("tail must be finite and >= 0")
+        margin = (
+            np.full(n, np.inf) if self.tail_margin is None
+            else np.asarray(self.tail_margin, dtype=np.float64)
+        )  # fmt: skip
+        if margin.shape != (n,) or np.any(np.isnan(margin)):
+            raise ValueError(f"tail_margin must have shape ({n},) without NaN")
+        if self.n_probes < 0:
+            raise ValueError(f"n_probes must be >= 0, got {self.n_probes}")
+        object.__setattr__(self, "classes", cls.astype(np.int64))
+        object.__setattr__(self, "n_classes", k)
+        object.__setattr__(self, "tail", tail)
+        object.__setattr__(self, "tail_margin", margin)
+        object.__setattr__(self, "n_probes", int(self.n_probes))
+
+    @property
+    def n_competitors(self) -> int:
+        """m, the competitors kept beside the float decision."""
+        return int(self.classes.shape[1]) - 1
+
+    def take(self, rows: np.ndarray | slice) -> Truncation:
+        """The truncation of a subset of the samples."""
+        ct = None if self.channel_tail is None else self.channel_tail[rows]
+        return Truncation(
+            self.classes[rows], self.n_classes, self.tail[rows], ct, self.tail_margin[rows],
+            self.n_probes,
+        )  # fmt: skip
+
+
+#: :math:`\max_{t>0} t^2\,\Phi(-t)`, the constant of the tail bound (eq. L19).
+def _tail_constant() -> float:
+    from scipy import optimize
+
+    f = lambda t: 2.0 * special.ndtr(-t) - t * np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)  # noqa: E731
+    t = optimize.brentq(f, 0.5, 3.0, xtol=1e-14)
+    return float(t * t * special.ndtr(-t))
+
+
+TAIL_CONSTANT = _tail_constant()
+
+
+def truncation_tail_bound(
+    truncation: Truncation, variances: Sequence[np.ndarray], channel_offsets: np.ndarray
+) -> np.ndarray:
+    r"""Per-sample upper bound on the flip probability towards the classes not kept (eq. L19).
+
+    Parameters
+    ----------
+    truncation : Truncation
+    variances : sequence of length L
+        Checked noise variances (scalars or per-channel arrays), as for eq. L4.
+    channel_offsets : array of shape (L+1,)
+
+    Returns
+    -------
+    ndarray of shape (N,)
+        :math:`\min(1,\; c^\ast V_i/d_i^2,\; (K-M)\,\Phi(-d_i/\sqrt{V_i}))` with
+        :math:`V_i = \sum_\ell \sigma_\ell^2 T_{i\ell}` (eq. L18); zero when every class
+        is kept, NaN without a tail estimate.
+    """
+    tr = truncation
+    n_rest = tr.n_classes - tr.classes.shape[1]
+    n = tr.classes.shape[0]
+    if n_rest == 0:
+        return np.zeros(n)
+    if tr.n_probes == 0:
+        return np.full(n, np.nan)
+    tensor = np.array([float(a) if np.ndim(a) == 0 else 0.0 for a in variances])
+    v = tr.tail @ tensor  # (eq. L18)
+    if any(np.ndim(a) == 1 for a in variances):
+        if tr.channel_tail is None:
+            raise ValueError(
+                "per-channel steps need per-channel tails; recompute the cache with "
+                "gradient_grams(..., granularity='channel', competitors=m)"
+            )
+        s = np.zeros(int(channel_offsets[-1]))
+        for i, a in enumerate(variances):
+            if np.ndim(a) == 1:
+                s[channel_offsets[i] : channel_offsets[i + 1]] = a
+        v = v + tr.channel_tail.astype(np.float64) @ s
+    d = tr.tail_margin
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chebyshev = np.where(v > 0, TAIL_CONSTANT * v / d**2, 0.0)
+        union = np.where(v > 0, n_rest * special.ndtr(-d / np.sqrt(v)), 0.0)
+    return np.clip(np.minimum(chebyshev, union), 0.0, 1.0)  # (eq. L19)
+
+
 @dataclass(frozen=True, eq=False)
 class GradientGrams:
     r"""Per-sample Gram matrices of the logit Jacobians of the quantizable layers.
@@ -108,6 +246,11 @@ class GradientGrams:
         The per-channel profile :math:`s_{\ell c}` of those draws (all ones for per-tensor).
     weights : tuple of arrays, or None
         The float weights of each layer (float64), to compute quantization steps.
+    truncation : Truncation or None
+        Set when only the nearest competitors of each sample are kept (many classes,
+        eq. L17-L20): the K of the arrays above is then :math:`M = m + 1`, column 0 is the
+        float decision, ``labels`` are column indices (-1 for a label not kept) and the
+        Grams are those of :math:`\partial(z_j - z_{\hat y})/\partial W_\ell`.
     key : str
         Cache key (weights, data, layers and options).
     meta : dict
@@ -124,6 +267,7 @@ class GradientGrams:
     projections: np.ndarray | None = field(default=None, repr=False)  # (N, L, R, K)
     projection_scales: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
     weights: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    truncation: Truncation | None = field(default=None, repr=False)
     key: str = ""
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -156,9 +300,10 @@ class GradientGrams:
             labels = np.asarray(self.labels)
             if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
                 raise ValueError(f"labels must be integers of shape ({n},), got {labels.shape}")
-            if n and (labels.min() < 0 or labels.max() >= k):
+            low = -1 if self.truncation is not None else 0
+            if n and (labels.min() < low or labels.max() >= k):
                 raise ValueError(
-                    f"labels must lie in 0..{k - 1} (K mismatch: the logits have {k} classes)"
+                    f"labels must lie in {low}..{k - 1} (K mismatch: the logits have {k} classes)"
                 )
             labels = labels.astype(np.int64)
         n_ch = np.array([sh[0] for sh in shapes])
@@ -181,6 +326,15 @@ class GradientGrams:
                     raise ValueError(
                         f"projection_scales entries must have shape (C_l,), got {np.shape(s)}"
                     )
+        if self.truncation is not None:
+            tr = self.truncation
+            if tr.classes.shape != (n, k) or tr.tail.shape != (n, L):
+                raise ValueError(
+                    f"truncation must keep {k} classes of {n} samples and {L} layer tails, got "
+                    f"classes {tr.classes.shape} and tail {tr.tail.shape}"
+                )
+            if tr.channel_tail is not None and np.shape(tr.channel_tail) != (n, int(n_ch.sum())):
+                raise ValueError(f"channel_tail must have shape {(n, int(n_ch.sum()))}")
         if self.weights is not None:
             if len(self.weights) != L:
                 raise ValueError("weights must give one array per layer")
@@ -205,6 +359,22 @@ class GradientGrams:
     def n_classes(self) -> int:
         """K, the number of classes (logits)."""
         return self.logits.shape[1]
+
+    @property
+    def total_classes(self) -> int:
+        """The network's number of classes (K, or more when truncated)."""
+        return self.n_classes if self.truncation is None else self.truncation.n_classes
+
+    def kept_columns(self, a: np.ndarray) -> np.ndarray:
+        """The columns of an (N, K_total) array that the Grams keep, shape (N, K)."""
+        a = np.asarray(a)
+        if self.truncation is None:
+            return a
+        if a.shape != (self.n_samples, self.total_classes):
+            raise ValueError(
+                f"expected an array of shape {(self.n_samples, self.total_classes)}, got {a.shape}"
+            )
+        return np.take_along_axis(a, self.truncation.classes, axis=1)
 
     @property
     def n_layers(self) -> int:
@@ -737,6 +907,10 @@ class MultilayerDistortion:
     flip_counts : array of shape (R,) or None
         Flips of R simulated error realizations in the linear model (eq. L12).
     correct_counts : array of shape (R,) or None
+    truncation_bound : float
+        With truncated Grams (many classes, eq. L19): the mean bound on the flip probability
+        towards the classes not kept, added to the high end of the flip band and to both ends
+        of the accuracy-loss band (0 for full Grams; NaN when no tail was estimated).
     """
 
     level: str
@@ -756,6 +930,7 @@ class MultilayerDistortion:
     labels: np.ndarray | None = field(repr=False)  # (N,)
     flip_counts: np.ndarray | None = field(repr=False)  # (R,)
     correct_counts: np.ndarray | None = field(repr=False)  # (R,)
+    truncation_bound: float = 0.0
 
     @property
     def n_realizations(self) -> int:
@@ -766,8 +941,16 @@ class MultilayerDistortion:
         return self.coverage if coverage is None else check_confidence_level(coverage, "coverage")
 
     def flip_band(self, coverage: float | None = None) -> Band:
-        """Prediction interval of the flip rate of one realization of the error (eq. L12, L15)."""
-        return _order_band(self.flip_counts, self.n_samples, self._coverage(coverage))
+        """Prediction interval of the flip rate of one realization of the error (eq. L12, L15),
+        widened by the truncation bound (eq. L20)."""
+        band = _order_band(self.flip_counts, self.n_samples, self._coverage(coverage))
+        b = self._widening()
+        high = band.high + b
+        return band if b == 0.0 else Band(band.low, high if math.isnan(high) else min(1.0, high))
+
+    def _widening(self) -> float:
+        b = self.truncation_bound
+        return float("inf") if math.isnan(b) else float(b)
 
     def accuracy_loss_band(self, coverage: float | None = None) -> Band:
         """Prediction interval of the accuracy loss of one realization (eq. L12, L15).
@@ -778,7 +961,8 @@ class MultilayerDistortion:
         if self.correct_counts is None:
             return Band(float("nan"), float("nan"))
         lo, hi = _order_band(self.correct_counts, self.n_samples, cov)
-        return Band(self.accuracy_float - hi, self.accuracy_float - lo)
+        b = self._widening()
+        return Band(self.accuracy_float - hi - b, self.accuracy_float - lo + b)  # (eq. L20)
 
     def to_prediction(self) -> Prediction:
         """The result as a level-``"3L"`` :class:`~distortion.results.Prediction`.
@@ -838,6 +1022,7 @@ class MultilayerDistortion:
                     "accuracy_loss_high": lb.high,
                     "coverage": self.coverage,
                     "n_realizations": self.n_realizations,
+                    "truncation_bound": self.truncation_bound,
                 }
             ]
         )
@@ -926,7 +1111,9 @@ def multilayer_distortion(
     acc_f = acc_q = float("nan")
     if y is not None:
         correct_p = 1.0 - flip_p
-        wrong = np.flatnonzero(y != pred)
+        # a label that a truncated cache does not keep (-1) is out of reach (eq. L20)
+        correct_p[y < 0] = 0.0
+        wrong = np.flatnonzero((y != pred) & (y >= 0))
         if wrong.size:
             mw = margin_statistics(grams.logits[wrong], cov[wrong], y[wrong])
             rw = orthant_flip(
@@ -944,6 +1131,9 @@ def multilayer_distortion(
             )
         flips, correct = _simulate(grams, v)
     n = grams.n_samples
+    bound = 0.0
+    if grams.truncation is not None:
+        bound = float(np.mean(truncation_tail_bound(grams.truncation, v, grams.channel_offsets())))
     return MultilayerDistortion(
         level="3L",
         method=method,
@@ -962,6 +1152,7 @@ def multilayer_distortion(
         labels=y,
         flip_counts=flips,
         correct_counts=correct,
+        truncation_bound=bound,
     )
 
 
