@@ -1,4 +1,5 @@
-"""Sharded feature extraction and gradient Grams of ResNet-20: 1 process against 2.
+"""Sharded feature extraction and gradient Grams of ResNet-20, and the ImageNet path of
+``distortion run --distributed``: 1 process against 2.
 
 Launches ``python -m torch.distributed.run --standalone --nproc_per_node P`` on this script
 for each P in ``--procs`` (default 1 and 2; gloo on CPU, NCCL on GPUs) with an empty cache,
@@ -9,10 +10,18 @@ excluded), checks that the merged results agree bit for bit between the runs, an
 the times, the speed-up ``t(1) / t(P)`` and ``uptime`` before and after (the wall-clock
 figures only mean something on an otherwise idle machine with at least P free cores).
 
+Then (unless ``--no-imagenet``) the ImageNet path end to end: a generated ImageFolder of
+1 000 class folders (16x16 PNG images: ``--imagenet-per-class`` in each of the first ten
+classes, those of ``experiments/imagenet.toml``'s problems, one in each other), a
+torchvision ResNet-18 with random weights saved to a file, and
+``distortion run --config <imagenet.toml cut to the first --imagenet-n images> --distributed``
+under 1 and P processes, timed from launch to exit (imports included), the two
+``comparison.csv`` compared.
+
 Usage::
 
     python benchmarks/bench_distributed.py                 # N = 2000, 1 vs 2 processes
-    python benchmarks/bench_distributed.py --n 200 --procs 1,2,4
+    python benchmarks/bench_distributed.py --n 200 --procs 1,2,4 --no-imagenet
 
 Every process runs with ``OMP_NUM_THREADS=1`` (torchrun's default) unless ``--threads``.
 Data: ``$DISTORTION_DATA`` (default ``<repo>/../shared``).
@@ -41,6 +50,10 @@ def _parse(argv):
     p.add_argument("--batch-size", type=int, default=50, help="extraction and Gram batches")
     p.add_argument("--n-realizations", type=int, default=8, help="error draws of the Grams")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process")
+    p.add_argument("--no-imagenet", action="store_true", help="skip the ImageNet-path run")
+    p.add_argument("--imagenet-n", type=int, default=400, help="images of the ImageNet run")
+    p.add_argument("--imagenet-per-class", type=int, default=20,
+                   help="images of each of the first ten classes")  # fmt: skip
     p.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -128,7 +141,84 @@ def main(argv=None) -> int:
         print(f"speed-up {procs[0]} -> {p} processes: features "
               f"{base_t['features'] / t['features']:.2f}x, Grams "
               f"{base_t['grams'] / t['grams']:.2f}x; bit for bit equal: {same}")  # fmt: skip
+    if not args.no_imagenet:
+        status = _imagenet(args, procs, env)
+        if status:
+            return status
     print(f"uptime after: {_uptime()}")
+    return 0
+
+
+#: The first ten ImageNet classes (WordNet ids), the classes of imagenet.toml's problems.
+_FIRST_TEN = (
+    "n01440764", "n01443537", "n01484850", "n01491361", "n01494475",
+    "n01496331", "n01498041", "n01514668", "n01514859", "n01518878",
+)  # fmt: skip
+
+
+def _imagenet_config(path: Path, n: int) -> Path:
+    """experiments/imagenet.toml with ResNet-18 only, the first ``n`` images, bits 4 and 8,
+    H_U tested on the last layer."""
+    import re
+
+    text = (ROOT / "experiments" / "imagenet.toml").read_text()
+    for pattern, repl in (
+        (r"^n = 0 .*$", f"n = {n}"), (r'^names = .*$', 'names = ["resnet18"]'),
+        (r"^bits = \[.*\]$", "bits = [4, 8]"), (r'^layers = "all"$', 'layers = "last"'),
+    ):  # fmt: skip
+        text = re.sub(pattern, repl, text, flags=re.M)
+    path.write_text(text)
+    return path
+
+
+def _imagenet(args, procs: list[int], env: dict[str, str]) -> int:
+    import pandas as pd
+    import torch
+    import torchvision
+
+    from distortion.experiments.data import make_image_folder
+
+    per = args.imagenet_per_class
+    if args.imagenet_n < 10 * per:
+        print(f"--imagenet-n must cover the first ten classes: at least {10 * per} images")
+        return 2
+    print(f"ImageNet path: ResNet-18 (random weights from a file), 1000 class folders "
+          f"({per} images in each of the first ten, 1 in the others), the first "
+          f"{args.imagenet_n} images, distortion run --distributed")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-imagenet-") as tmp:
+        t = Path(tmp)
+        names = list(_FIRST_TEN) + [f"n9{k:07d}" for k in range(990)]
+        make_image_folder(t / "val", names, per_class=[per] * 10 + [1] * 990, size=16)
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), t / "resnet18.pth")
+        cfg = _imagenet_config(t / "imagenet-tiny.toml", args.imagenet_n)
+        tables, times = {}, {}
+        for p in procs:
+            launch = [sys.executable] if p == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={p}",
+            ]  # fmt: skip
+            cmd = [*launch, "-m", "distortion", "run", "--config", str(cfg), "--distributed",
+                   "--data", str(t / "val"), "--weights", f"resnet18={t / 'resnet18.pth'}",
+                   "--out", str(t / f"out{p}"), "--cache-dir", str(t / f"cache{p}"),
+                   "--quiet", "--no-figures"]  # fmt: skip
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            times[p] = time.perf_counter() - t0
+            if proc.returncode:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+                return 1
+            tables[p] = pd.read_csv(t / f"out{p}" / "comparison.csv")
+            stages = json.loads((t / f"out{p}" / "run.json").read_text())["timings_s"]
+            shown = ", ".join(f"{k.split(': ')[-1]} {v:.1f} s" for k, v in stages.items())
+            print(f"{p} process(es): distortion run {times[p]:7.2f} s ({shown})  "
+                  f"[{_uptime()}]", flush=True)  # fmt: skip
+        for p in procs[1:]:
+            same = tables[p].equals(tables[procs[0]])
+            rows = len(tables[p])
+            print(f"speed-up {procs[0]} -> {p} processes: distortion run "
+                  f"{times[procs[0]] / times[p]:.2f}x; comparison.csv ({rows} rows) equal: "
+                  f"{same}")  # fmt: skip
     return 0
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "SubsetSpec",
     "get_preprocessing",
     "load_dataset",
+    "make_image_folder",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -640,6 +641,71 @@ def _load_image_folder(
         source_class_names=names, indices=idx, base_id=base_id, preprocessing=prep,
         subset=spec, files=[files[i] for i in idx], source=str(folder),
     )  # fmt: skip
+
+
+def make_image_folder(
+    root: str | os.PathLike[str],
+    class_names: Sequence[str] | int,
+    *,
+    per_class: int | Sequence[int] = 1,
+    size: int = 8,
+    fmt: Literal["png", "jpeg"] = "png",
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic ImageFolder tree: random RGB images, one sub-folder per class.
+
+    For tests, benchmarks, and trying an ImageNet configuration without ImageNet; the
+    layout is that of the validation set (``root/<class>/<image>``) that
+    :func:`load_dataset` reads.
+
+    Parameters
+    ----------
+    root : path
+        The tree's folder (created; existing class folders are written into).
+    class_names : sequence of str, or int
+        Names of the class folders (sorted, they give the class indices), or their number
+        (``n00000000``, ``n00000001``, ...: WordNet-id-like names).
+    per_class : int or sequence of int
+        Images in each class folder (one count for every class, or one per class).
+    size : int
+        Side of the square images, in pixels.
+    fmt : {"png", "jpeg"}
+        File format (PNG is lossless, JPEG the format of ImageNet).
+    seed : int
+        Seed of the pixels.
+
+    Returns
+    -------
+    Path
+        ``root``.
+    """
+    from PIL import Image
+
+    names = [f"n{k:08d}" for k in range(class_names)] if isinstance(class_names, int) else [
+        str(c) for c in class_names
+    ]  # fmt: skip
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"class_names must be distinct and non-empty, got {len(names)} names")
+    counts = [per_class] * len(names) if isinstance(per_class, int) else list(per_class)
+    if len(counts) != len(names) or any(not isinstance(c, int) or c < 1 for c in counts):
+        raise ValueError(
+            f"per_class must be a positive integer or one per class ({len(names)}), got "
+            f"{per_class!r}"
+        )
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"fmt must be 'png' or 'jpeg', got {fmt!r}")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    rng = np.random.default_rng(seed)
+    out = Path(root).expanduser()
+    ext = "JPEG" if fmt == "jpeg" else "png"
+    for name, count in zip(names, counts, strict=True):
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(count):
+            pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(d / f"{name}_{j:05d}.{ext}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ checkpoints and results folder before the first stage, so that a mistake fails a
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -68,8 +69,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
-    "all_layers": ("bits", "n", "dither_realizations"),
-    "hypotheses": ("bits", "n_components"),
+    "all_layers": ("bits", "n", "dither_realizations", "competitors"),
+    "hypotheses": ("bits", "n_components", "layers"),
 }
 
 #: Field of :class:`ExperimentConfig` -> its key in the TOML file (named in error messages).
@@ -82,13 +83,29 @@ _TOML_KEY: dict[str, str] = {
     "n_realizations": "last_layer.n_realizations", "problems": "last_layer.problems",
     "all_layers_bits": "all_layers.bits", "all_layers_n": "all_layers.n",
     "all_layers_dither": "all_layers.dither_realizations",
+    "all_layers_competitors": "all_layers.competitors",
     "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
+    "hypotheses_layers": "hypotheses.layers",
 }  # fmt: skip
 
 #: Realizations a 95 % band needs: its 2.5 % and 97.5 % quantiles must be two distinct draws.
 MIN_BAND_REALIZATIONS = 39
 
 _COVARIANCES = ("class", "pooled")
+
+#: Classes above which the per-sample K x K matrices of a stage are out of reach: the
+#: all-layer Grams (eq. L3; unless ``all_layers.competitors`` keeps a few classes per image)
+#: and the last layer's closed-form Grams behind Sakr's bound. Such stages are skipped with
+#: a message saying so (ImageNet: K = 1000).
+MAX_DENSE_CLASSES = 100
+
+#: Images per batch of the sharded extraction and measurement of ``distortion run
+#: --distributed`` (also the alignment of the shards: 1 and N processes give the same bits).
+DISTRIBUTED_BATCH_SIZE = 50
+
+#: Images of one class from which the hypothesis stage tests its features and margins for
+#: normality (``hypotheses._gaussian_tables``); without such a class there are no figures.
+_MIN_NORMALITY_IMAGES = 20
 
 
 def _is_int(v: Any) -> bool:
@@ -169,8 +186,10 @@ class ExperimentConfig:
     all_layers_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     all_layers_n: int = 2000
     all_layers_dither: int = 0
+    all_layers_competitors: int | None = None
     hypotheses_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     n_components: int = 10
+    hypotheses_layers: str = "all"
     source_file: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -219,7 +238,11 @@ class ExperimentConfig:
         _check_int(k["all_layers_dither"], self.all_layers_dither, 0, " (0: no level 3N)")
         if self.all_layers_dither == 1:
             raise ValueError(f"{k['all_layers_dither']} must be 0 (no level 3N) or at least 2")
+        if self.all_layers_competitors is not None:
+            _check_int(k["all_layers_competitors"], self.all_layers_competitors, 1,
+                       " (runners-up kept per image)")  # fmt: skip
         _check_int(k["n_components"], self.n_components, 1, " (principal components)")
+        _check_choice(k["hypotheses_layers"], self.hypotheses_layers, ("all", "last"))
         problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
         if not all(isinstance(p, Problem) for p in problems):
             raise ValueError(f"{k['problems']} must hold Problem objects, got {problems!r}")
@@ -362,7 +385,7 @@ class ExperimentResult:
 
     config: ExperimentConfig
     out_dir: Path
-    comparison: Any  # Comparison
+    comparison: Any  # Comparison; None on the ranks > 0 of a distributed run
     timings: dict[str, float] = field(repr=False)
     accuracies: dict[str, float] = field(repr=False)
 
@@ -376,7 +399,19 @@ class _Stages:
 
     def __init__(self, total: int, stream=None) -> None:
         self.total, self.i, self.timings = total, 0, {}
+        self.skipped: dict[str, str] = {}
         self.stream = stream or sys.stderr
+
+    def skip(self, name: str, reason: str) -> None:
+        """Count a stage that does not run, print and record why."""
+        self.i += 1
+        self.skipped[name] = reason
+        print(f"[{self.i}/{self.total}] {name} skipped: {reason}", file=self.stream, flush=True)
+
+    def note(self, name: str, reason: str) -> None:
+        """Record and print that part of a stage was left out (the stage still runs)."""
+        self.skipped[name] = reason
+        print(f"    {name} skipped: {reason}", file=self.stream, flush=True)
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -400,6 +435,15 @@ def _resolve_source(source: str, data: str | None) -> str:
     An explicit ``data`` is the only place looked in: when it does not exist, or does not
     hold ``source``, that is an error, never a fallback to the shared folder.
     """
+    if source == "imagenet" and data is not None:
+        root = Path(data).expanduser()
+        for folder in (root / "data" / "imagenet" / "val", root / "imagenet" / "val", root):
+            if folder.is_dir():
+                return str(folder)
+        raise FileNotFoundError(
+            f'--data {data}: not a folder; for source = "imagenet" pass the validation '
+            "folder in ImageFolder layout (one sub-folder of images per class)"
+        )
     if source in ("cifar10", "cifar100", "imagenet"):
         return source
     p = Path(source).expanduser()
@@ -451,6 +495,115 @@ def _check_inputs(
     _paths.check_output_dir(out, "--out")
 
 
+def _competitors_supported() -> bool:
+    """Whether ``compare_all_layers`` and ``(sharded_)gradient_grams`` take ``competitors``."""
+    import inspect
+
+    from distortion.experiments.compare import compare_all_layers
+    from distortion.experiments.distributed import sharded_gradient_grams
+    from distortion.experiments.sensitivity import gradient_grams
+
+    return all(
+        "competitors" in inspect.signature(f).parameters
+        for f in (compare_all_layers, gradient_grams, sharded_gradient_grams)
+    )
+
+
+def _check_competitors(config: ExperimentConfig) -> None:
+    if config.all_layers_competitors is not None and not _competitors_supported():
+        raise ValueError(
+            f"{_TOML_KEY['all_layers_competitors']} = {config.all_layers_competitors}, but "
+            "this version's gradient_grams / compare_all_layers take no 'competitors': "
+            "comment the key out (the all-layer stage is then skipped for networks of more "
+            f"than {MAX_DENSE_CLASSES} classes)"
+        )
+
+
+def _check_fit_counts(fit: Any, problem: Problem, fraction: float) -> None:
+    """A clear error when a problem's class has fewer than 2 fitting images (the Gaussian
+    model needs 2 per class even for the pooled covariance: a class mean and a residual)."""
+    names = list(fit.class_names)
+    classes = problem.classes
+    rows = range(len(names)) if classes is None else [names.index(c) for c in classes]
+    counts = np.bincount(np.asarray(fit.labels), minlength=len(names))
+    few = [(names[k], int(counts[k])) for k in rows if counts[k] < 2]
+    if few:
+        shown = ", ".join(f"{c} ({n})" for c, n in few[:5]) + (", ..." if len(few) > 5 else "")
+        raise ValueError(
+            f"problem {problem.name!r}: {len(few)} of its {len(rows)} classes have fewer than 2 "
+            f"images in the fit part (data.fit_fraction = {fraction}): {shown}; the Gaussian "
+            "model needs at least 2 per class: use more images per class (data.n = 0 keeps "
+            "all) or a problem over fewer classes (last_layer.problems)"
+        )
+
+
+def _hypothesis_features(fs: Any, problems: Sequence[Problem], name: str, stage: _Stages) -> Any:
+    """The features whose normality (H_G) the hypothesis stage tests: all of them, or for
+    more than :data:`MAX_DENSE_CLASSES` classes those of the problems' classes (else the
+    first :data:`MAX_DENSE_CLASSES`), restricted to those classes' logit margins. Each class
+    costs d + K - 1 univariate tests and a K - 1 dimensional multivariate one: hours at
+    K = 1000. H_U is tested on the model's weights either way."""
+    k = len(fs.class_names)
+    if k <= MAX_DENSE_CLASSES:
+        return fs
+    chosen = list(dict.fromkeys(c for p in problems if p.classes for c in p.classes))
+    if not chosen or len(chosen) > MAX_DENSE_CLASSES:
+        chosen = list(fs.class_names[:MAX_DENSE_CLASSES])
+    stage.note(
+        f"{name}: H_G tests of {k - len(chosen)} of the {k} classes",
+        f"{k} classes > {MAX_DENSE_CLASSES}: features and logit margins are tested for "
+        f"normality on {len(chosen)} classes (those of last_layer.problems, else the first "
+        f"{MAX_DENSE_CLASSES}), against each other",
+    )  # fmt: skip
+    return fs.subset(classes=chosen)
+
+
+def _shard_all_layer_inputs(
+    model: Any,
+    images: Any,
+    quantizers: Sequence[Any],
+    *,
+    seed: int,
+    cache: Path,
+    progress: bool,
+    competitors: int | None = None,
+) -> None:
+    """Compute, sharded over the ranks, the per-sample Grams and the measurements that
+    :func:`~distortion.experiments.compare.compare_all_layers` then reads from the cache.
+
+    Every rank calls it. The Grams are those ``compare_all_layers`` asks for (all layers,
+    its granularity, its 40 realizations, ``seed``, ``competitors``, the batch size from its
+    memory budget);
+    the measurements are stored under the key of its measurement cache (same model, images,
+    layers, quantizer and seed; ``tests/test_imagenet.py`` checks that it then measures
+    nothing).
+    """
+    from distortion.experiments import distributed as D
+    from distortion.experiments._torch_state import evaluated_on
+    from distortion.experiments.compare import _cached_measurement
+    from distortion.experiments.sensitivity import _data_info, _model_hash, resolve_quantizable
+
+    ctx = D.current_context()
+    granularity = "channel" if any(q.granularity == "channel" for q in quantizers) else "tensor"
+    extra = {} if competitors is None else {"competitors": competitors}
+    D.sharded_gradient_grams(
+        model, images, cache_dir=cache, layers="all", granularity=granularity,
+        n_realizations=40, seed=seed, load_merged=False, progress=progress, **extra,
+    )  # fmt: skip
+    with evaluated_on(model, D._auto_device(None, ctx)) as dev:
+        x, _ = next(iter(images.batches(2)))
+        names = resolve_quantizable(model, "all", x.to(dev))
+    data_key = {"model": _model_hash(model), "data": _data_info(images)[2], "layers": names}
+    for q in quantizers:
+        m = D.sharded_measure(
+            model, images, q, cache_dir=cache, layers=names, seed=seed,
+            batch_size=DISTRIBUTED_BATCH_SIZE, load_merged=False, progress=progress,
+        )  # fmt: skip
+        if ctx.is_main:  # the key compare_all_layers gives its measurement (same fields)
+            key = {**data_key, "quantizer": repr(q), "seed": seed, "kind": "all-layers"}
+            _cached_measurement(cache, key, lambda m=m: m)
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -461,6 +614,8 @@ def run_experiment(
     figures: bool = True,
     progress: bool = True,
     stream=None,
+    download: bool = False,
+    distributed: bool = False,
 ) -> ExperimentResult:
     """Run every stage of ``config``; return the comparison and write the results.
 
@@ -468,19 +623,37 @@ def run_experiment(
     ----------
     config : ExperimentConfig
     data : str, optional
-        The data file or folder (else ``DISTORTION_DATA`` or ``../shared``).
+        The data file or folder (else ``DISTORTION_DATA`` or ``../shared``); for
+        ``data.source = "imagenet"``, the validation folder in ImageFolder layout.
     weights : dict of model name to checkpoint path, optional
     out_dir : path, optional
         Default ``experiments/results/<config.name>``.
     cache_dir : path, optional
         Feature and gradient caches (default ``$DISTORTION_CACHE`` or ``~/.cache/distortion``).
+        Shared by every rank of a distributed run (a shared file system across nodes).
     figures : bool
         Draw the figures.
     progress : bool
         Progress bars.
     stream : file, optional
         Where stage messages go (default stderr).
+    download : bool
+        Download the published weights of a model not found locally (needs a network).
+    distributed : bool
+        Shard the feature extraction, the all-layer Grams and the all-layer measurements
+        over the processes of a ``torch.distributed`` job (``torchrun``, ``srun``;
+        :func:`~distortion.experiments.distributed.init_distributed` is called here) with
+        batches of :data:`DISTRIBUTED_BATCH_SIZE` images; rank 0 runs the other stages and
+        writes every output, the other ranks return with ``comparison=None``. One process
+        (a plain run) computes every shard itself: 1 and N processes give the same bits.
+
+    Notes
+    -----
+    Networks of more than :data:`MAX_DENSE_CLASSES` classes (ImageNet) skip, with a
+    message, the all-layer stage unless ``all_layers.competitors`` is set, and the
+    last-layer problems over all their classes (name a subset in ``last_layer.problems``).
     """
+    from distortion.experiments import distributed as D
     from distortion.experiments.compare import Comparison, compare_all_layers, compare_last_layer
     from distortion.experiments.data import load_dataset
     from distortion.experiments.features import extract_features
@@ -490,66 +663,133 @@ def run_experiment(
     out = Path(out_dir) if out_dir else _paths.repo_root() / "experiments" / "results" / config.name
     weights = dict(weights or {})
     _check_inputs(config, data, weights, out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_competitors(config)
+    ctx = D.init_distributed() if distributed else D.current_context()
+    main = ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     cache = _paths.cache_dir(cache_dir)
     started = time.time()
     n_stages = len(config.models) * (4 + (config.all_layers_n > 0)) + 1 + figures
-    stage = _Stages(n_stages, stream)
+    stage = _Stages(n_stages, stream if main else io.StringIO())  # rank 0 prints
+    progress = progress and main
+    competitors = config.all_layers_competitors
     parts, accuracies, verdicts = [], {}, []
     with stage("load data"):
         source = _resolve_source(config.data_source, data)
-        dataset = load_dataset(source, n=config.n)
+        if config.data_source == "imagenet" and source != "imagenet":
+            dataset = load_dataset("imagenet", root=source, n=config.n)
+        else:
+            dataset = load_dataset(source, n=config.n)
         for prob in config.problems:  # names of a dataset not known before loading it
             check_problem_classes(prob, dataset.class_names)
     for name in config.models:
         with stage(f"{name}: load model and extract features"):
-            model = load_model(name, weights.get(name))
-            fs = extract_features(model, dataset, cache_dir=cache, progress=progress)
-            (out / "features").mkdir(exist_ok=True)
-            fs.save(out / "features" / f"{name}.npz")
+            model = load_model(name, weights.get(name), download=download)
+            if distributed:
+                fs = D.sharded_extract_features(
+                    model, dataset, cache_dir=cache, batch_size=DISTRIBUTED_BATCH_SIZE,
+                    progress=progress,
+                )  # fmt: skip
+            else:
+                fs = extract_features(model, dataset, cache_dir=cache, progress=progress)
+            if main:
+                (out / "features").mkdir(exist_ok=True)
+                fs.save(out / "features" / f"{name}.npz")
             accuracies[name] = fs.accuracy
             first = fs.split_mask(config.fit_fraction, seed=config.seed)
             fit, evaluate = fs.select(first), fs.select(~first)
-        with stage(f"{name}: hypothesis tests"):
-            report = run_hypothesis_tests(
-                fs, model, bits=config.hypotheses_bits, quantizers=config.hypothesis_quantizers(),
-                n_components=config.n_components,
-                seed=config.seed, out_dir=out / "hypotheses" / name, figures=figures,
-                cache_dir=cache, progress=progress,
-            )  # fmt: skip
-            verdicts.append(hypothesis_verdicts(report, name, config.problems))
-        with stage(f"{name}: last layer, predicted vs measured"):
-            for prob in config.problems:
-                parts.append(
-                    compare_last_layer(
-                        fit,
-                        evaluate,
-                        config.quantizers(config.last_layer_bits),
-                        model_name=name,
-                        problem=prob.name,
-                        classes=prob.classes,
-                        covariance=config.covariance,
-                        n_realizations=config.n_realizations,
-                        seed=config.seed,
+            n_classes = len(fs.class_names)
+        if main:
+            with stage(f"{name}: hypothesis tests"):
+                hyp_fs = _hypothesis_features(fs, config.problems, name, stage)
+                hyp_figures = figures
+                if figures and np.bincount(hyp_fs.labels).max() < _MIN_NORMALITY_IMAGES:
+                    hyp_figures = False
+                    stage.note(
+                        f"{name}: hypothesis figures",
+                        f"no class has the {_MIN_NORMALITY_IMAGES} images the normality "
+                        "tests of H_G need (ImageNet: 50 per class)",
                     )  # fmt: skip
-                )
+                report = run_hypothesis_tests(
+                    hyp_fs, model, layers=config.hypotheses_layers, bits=config.hypotheses_bits,
+                    quantizers=config.hypothesis_quantizers(), n_components=config.n_components,
+                    seed=config.seed, out_dir=out / "hypotheses" / name, figures=hyp_figures,
+                    cache_dir=cache, progress=progress,
+                )  # fmt: skip
+                verdicts.append(hypothesis_verdicts(report, name, config.problems))
+            with stage(f"{name}: last layer, predicted vs measured"):
+                for prob in config.problems:
+                    k = n_classes if prob.classes is None else len(prob.classes)
+                    if k > MAX_DENSE_CLASSES:
+                        stage.note(
+                            f"{name}: last layer, problem {prob.name!r}",
+                            f"{k} classes > {MAX_DENSE_CLASSES}: the last-layer comparison "
+                            "forms per-sample K x K Grams (Sakr's bound); name a subset of "
+                            "classes in last_layer.problems",
+                        )  # fmt: skip
+                        continue
+                    _check_fit_counts(fit, prob, config.fit_fraction)
+                    try:
+                        cmp = compare_last_layer(
+                            fit, evaluate, config.quantizers(config.last_layer_bits),
+                            model_name=name, problem=prob.name, classes=prob.classes,
+                            covariance=config.covariance, n_realizations=config.n_realizations,
+                            seed=config.seed,
+                        )  # fmt: skip
+                    except ValueError as exc:
+                        if config.covariance == "class" and "covariance" in str(exc):
+                            raise ValueError(
+                                f"{exc}; with few images per class set "
+                                'last_layer.covariance = "pooled"'
+                            ) from exc
+                        raise
+                    parts.append(cmp)
         if config.all_layers_n > 0:
-            with stage(f"{name}: all layers, predicted vs measured"):
-                images = _evaluation_images(dataset, ~first, config.all_layers_n)
-                parts.append(
-                    compare_all_layers(
-                        model,
-                        images,
-                        config.quantizers(config.all_layers_bits),
-                        model_name=name,
-                        cache_dir=cache,
-                        seed=config.seed,
-                        progress=progress,
-                        n_dither_realizations=config.all_layers_dither,
-                    )
-                )
-        with stage(f"{name}: write tables"):
-            Comparison.concat(parts).save(out)
+            all_name = f"{name}: all layers, predicted vs measured"
+            if n_classes > MAX_DENSE_CLASSES and competitors is None:
+                stage.skip(
+                    all_name,
+                    f"{name} has {n_classes} classes > {MAX_DENSE_CLASSES}: per-sample "
+                    f"{n_classes} x {n_classes} Grams are out of reach; set "
+                    "all_layers.competitors (the runners-up kept per image) to run it",
+                )  # fmt: skip
+            else:
+                with stage(all_name):
+                    images = _evaluation_images(dataset, ~first, config.all_layers_n)
+                    quantizers = config.quantizers(config.all_layers_bits)
+                    if distributed:
+                        _shard_all_layer_inputs(
+                            model, images, quantizers, seed=config.seed, cache=cache,
+                            progress=progress, competitors=competitors,
+                        )  # fmt: skip
+                    if main:
+                        extra = {} if competitors is None else {"competitors": competitors}
+                        parts.append(
+                            compare_all_layers(
+                                model,
+                                images,
+                                quantizers,
+                                model_name=name,
+                                cache_dir=cache,
+                                seed=config.seed,
+                                progress=progress,
+                                n_dither_realizations=config.all_layers_dither,
+                                **extra,
+                            )  # fmt: skip
+                        )
+        if main:
+            with stage(f"{name}: write tables"):
+                Comparison.concat(parts).save(out)
+    if not main:
+        D.shutdown_distributed()
+        return ExperimentResult(config, out, None, stage.timings, accuracies)
+    if not any(len(p.table) for p in parts):
+        raise StageError(
+            "no cell was computed: every last-layer problem and all-layer stage was skipped ("
+            + "; ".join(f"{k}: {v}" for k, v in stage.skipped.items())
+            + ")"
+        )
     comparison = Comparison.concat(parts)
     if figures:
         with stage("figures"):
@@ -562,9 +802,14 @@ def run_experiment(
             verdict_table["bits"] = verdict_table["bits"].astype("Int64")
         verdict_table.to_csv(out / "hypothesis_verdicts.csv", index=False)
     text = summary_table(comparison, accuracies, verdict_table)
+    if stage.skipped:
+        text += "\n" + "\n".join(f"skipped: {k}: {v}" for k, v in stage.skipped.items())
     (out / "summary.txt").write_text(text + "\n")
-    _write_run_json(out / "run.json", config, stage.timings, accuracies, started)
+    _write_run_json(out / "run.json", config, stage.timings, accuracies, started,
+                    skipped=stage.skipped, world_size=ctx.world_size)  # fmt: skip
     write_column_dictionary(out / "columns.md")
+    if distributed:
+        D.shutdown_distributed()
     return ExperimentResult(config, out, comparison, stage.timings, accuracies)
 
 
@@ -574,6 +819,9 @@ def _write_run_json(
     timings: dict[str, float],
     accuracies: dict[str, float],
     started: float,
+    *,
+    skipped: dict[str, str] | None = None,
+    world_size: int = 1,
 ) -> None:
     """Write ``run.json``: the configuration, accuracies and this run's timings
     (``timings_s``), and every run into the folder so far (``runs``, oldest first), so the
@@ -593,6 +841,8 @@ def _write_run_json(
         "total_s": time.time() - started,
         "timings_s": timings,
         "config_name": config.name,
+        "world_size": int(world_size),
+        "skipped": dict(skipped or {}),
     }
     runs.append(this)
     meta = {
@@ -699,28 +949,33 @@ def fit_evaluate_mask(labels: np.ndarray, n_classes: int, fraction: float, seed:
 
 
 def select_images(dataset: Any, positions: np.ndarray, label: str) -> Any:
-    """The images of ``dataset`` at ``positions`` (same preprocessing and class names)."""
-    from distortion.experiments.data import ImageDataset
-
-    pos = np.asarray(positions, dtype=np.int64)
-    if dataset.images is None:
-        raise ValueError("choosing images needs an in-memory dataset (.npz or CIFAR)")
-    return ImageDataset.from_arrays(
-        dataset.images[pos], dataset.labels[pos], class_names=dataset.class_names,
-        preprocessing=dataset.preprocessing, name=f"{dataset.dataset_id}[{label}]",
-    )  # fmt: skip
+    """The images of ``dataset`` at ``positions`` (same preprocessing and class names):
+    in-memory images (.npz, CIFAR) or image files (an ImageFolder tree such as ImageNet)."""
+    return _subset(dataset, positions, f"{dataset.dataset_id}[{label}]")
 
 
 def _evaluation_images(dataset: Any, mask: np.ndarray, n: int) -> Any:
     """The first ``n`` images of ``dataset`` where ``mask`` is true (same preprocessing)."""
-    from distortion.experiments.data import ImageDataset
-
     pos = np.flatnonzero(mask)[:n]
-    if dataset.images is None:
-        raise ValueError("the all-layer stage needs an in-memory dataset (.npz or CIFAR)")
-    return ImageDataset.from_arrays(
-        dataset.images[pos], dataset.labels[pos], class_names=dataset.class_names,
-        preprocessing=dataset.preprocessing, name=f"{dataset.dataset_id}[eval:{len(pos)}]",
+    return _subset(dataset, pos, f"{dataset.dataset_id}[eval:{len(pos)}]")
+
+
+def _subset(dataset: Any, positions: np.ndarray, name: str) -> Any:
+    from distortion.experiments.data import ImageDataset, SubsetSpec
+
+    pos = np.asarray(positions, dtype=np.int64)
+    if dataset.images is not None:
+        return ImageDataset.from_arrays(
+            dataset.images[pos], dataset.labels[pos], class_names=dataset.class_names,
+            preprocessing=dataset.preprocessing, name=name,
+        )  # fmt: skip
+    files = dataset.files
+    return ImageDataset(
+        labels=np.array(dataset.labels[pos]), class_names=dataset.class_names,
+        class_ids=dataset.class_ids, source_class_names=dataset.source_class_names,
+        indices=np.array(dataset.indices[pos]), base_id=name,
+        preprocessing=dataset.preprocessing, subset=SubsetSpec(),
+        files=[files[i] for i in pos], source=dataset.source,
     )  # fmt: skip
 
 
@@ -736,7 +991,8 @@ def hypothesis_verdicts(report: Any, model: str, problems: Sequence[Problem]) ->
     per = u[u["layer"] != ALL_LAYERS]
     last = report.provenance.get("last_layer")
     g = report.gaussian
-    margins = g[g["kind"] == "margin"]
+    # no class with enough images for the normality tests (fewer than 20 each): no H_G rows
+    margins = g[g["kind"] == "margin"] if "kind" in g else g.iloc[:0]
     rows = []
     for (gran, bits), part in per.groupby(["granularity", "bits"], sort=True):
         for layers, sel in (("last", part[part["layer"] == last]), ("all", part)):
@@ -748,7 +1004,7 @@ def hypothesis_verdicts(report: Any, model: str, problems: Sequence[Problem]) ->
                 "H_U_marginal": float(np.mean(sel["verdict"] == "marginal")),
                 "H_U_layers": len(sel),
             })  # fmt: skip
-    for prob in problems:
+    for prob in problems if len(margins) else ():
         sel = margins if prob.classes is None else margins[margins["class_name"].isin(prob.classes)]
         if len(sel):
             rows.append({
