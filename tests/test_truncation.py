@@ -228,3 +228,39 @@ def test_bad_truncation_arrays():
         Truncation(classes=np.zeros((3, 1), int), n_classes=5, tail=np.zeros((3, 1)))
     with pytest.raises(ValueError, match="tail"):
         Truncation(classes=np.zeros((3, 2), int), n_classes=5, tail=-np.ones((3, 1)))
+
+
+def _estimator(tmp_path):
+    from distortion.estimator import AccuracyLossEstimator
+    from distortion.quantize import UniformQuantizer
+
+    return AccuracyLossEstimator(
+        UniformQuantizer(4), layers="all", n_realizations=40, cache_dir=tmp_path, progress=False
+    )
+
+
+def _mlp(k: int):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, k)).double().eval()
+    return net, torch.randn(16, 6, dtype=torch.float64), torch.randint(0, k, (16,))
+
+
+def test_estimator_fit_model_with_competitors_at_1000_classes(tmp_path):
+    """K = 1 000: m + 2 backward passes, the band widened by the bound."""
+    net, x, y = _mlp(1000)
+    est = _estimator(tmp_path).fit_model(net, (x, y), competitors=5)
+    assert est.grams_.truncation.n_classes == 1000 and est.grams_.n_classes == 6
+    assert est.grams_.meta["backward_passes"] == 7
+    p = est.predict([3, 6]).to_frame()
+    assert np.all(p.flip_rate_high >= p.flip_rate)
+
+
+def test_estimator_truncated_against_full(tmp_path):
+    net, x, y = _mlp(100)
+    p = _estimator(tmp_path).fit_model(net, (x, y), competitors=5).predict([3, 6]).to_frame()
+    pf = _estimator(tmp_path).fit_model(net, (x, y)).predict([3, 6]).to_frame()
+    tol = 4 * (p.flip_rate_stderr + pf.flip_rate_stderr)
+    # the kept classes' flips never exceed all classes' flips (beyond integration error) ...
+    assert np.all(p.flip_rate <= pf.flip_rate + tol)
+    # ... and the widened band reaches the full prediction
+    assert np.all(p.flip_rate_high >= pf.flip_rate - tol)
