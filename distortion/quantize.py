@@ -9,9 +9,18 @@ with its own ``new_tensor``). The input is never modified.
 
 Schemes (``b`` bits)
 --------------------
-symmetric
+symmetric, ``symmetric_range="narrow"`` (the default; TFLite's weight convention)
     Signed levels :math:`k\Delta`, :math:`k = -L..L`, :math:`L = 2^{b-1} - 1`, zero exactly
-    representable, :math:`\Delta = \alpha / L` for a clipping bound :math:`\alpha`.
+    representable, :math:`\Delta = \alpha / L` for a clipping bound :math:`\alpha`
+    (8 bits: codes [−127, 127], :math:`\Delta = \alpha/127`).
+symmetric, ``symmetric_range="full"`` (PyTorch's ``per_{channel,tensor}_symmetric``)
+    Codes :math:`k = -2^{b-1}..2^{b-1}-1`, levels :math:`k\Delta`,
+    :math:`\Delta = \alpha / ((q_{max} - q_{min})/2) = 2\alpha/(2^b - 1)` (8 bits: [−128, 127],
+    :math:`\alpha/127.5`). The grid is not symmetric at its ends: :math:`+\alpha` sits at
+    :math:`q_{max} + \tfrac12` and saturates to :math:`q_{max}\Delta = \alpha (2^b-2)/(2^b-1)`
+    (its error is :math:`-\Delta/2`: the largest positive weights are *clipped*), while
+    :math:`-\alpha` rounds (half to even) to :math:`q_{min}`, one level beyond it. The step and the
+    codes follow PyTorch's arithmetic bit for bit (see "PyTorch's arithmetic" below).
     One bit is the sign quantizer :math:`\pm\alpha` with :math:`\alpha = \operatorname{mean}|w|`
     (the value that minimizes the squared error of a sign quantizer); its levels are
     :math:`\pm\alpha`, so its step is :math:`\Delta = 2\alpha` and its codes are :math:`\pm 1`
@@ -32,6 +41,30 @@ round-to-nearest quantization of that tensor or channel; ties go to the largest 
 the search is deterministic and a tensor already on its grid keeps its step (idempotence).
 For the 1-bit sign quantizer the clipping choice does not apply (mean|w| is already optimal).
 
+``clip_ratio`` :math:`r \in (0, 2]` (with ``"max"`` only) multiplies the max-based bound:
+:math:`\alpha = r\max|w|` (symmetric) or the range :math:`[r\ell, rh]` (asymmetric), so the
+step is :math:`r` times the max-based one. :math:`r < 1` clips the largest weights (their error
+is the deterministic :math:`\operatorname{clip}(w) - w`, eq. E5 of ``theory/error_models.md``),
+:math:`r > 1` leaves headroom (nothing is clipped, the step is larger). Like the "mse" range,
+:math:`r\alpha` is rounded to the values' dtype. Neither ``clip_ratio`` nor
+``symmetric_range`` applies to the 1-bit sign quantizer (ignored, like ``clipping``).
+
+PyTorch's arithmetic (``symmetric_range="full"``)
+--------------------------------------------------
+As ``torch.ao.quantization.PerChannelMinMaxObserver`` / ``MinMaxObserver`` with
+``qscheme=per_{channel,tensor}_symmetric`` followed by ``torch.fake_quantize_per_{channel,
+tensor}_affine``: in the arithmetic of the weights' dtype (float32 for float32 and lower
+precision, float64 for float64 and integer input),
+:math:`\Delta = \max(\mathrm{fl}(r\alpha) / ((q_{max} - q_{min})/2),\ \varepsilon)` with
+:math:`\varepsilon` = ``finfo(float32).eps`` (PyTorch's floor), and the codes are
+:math:`\operatorname{clip}(\operatorname{rint}(w \cdot \mathrm{fl}(1/\Delta)), q_{min}, q_{max})`
+— a product by the reciprocal, rounded in that dtype, not a division (the two differ at
+near-ties). The values :math:`c\Delta` are then exact in float64 and rounded once to the dtype,
+as PyTorch's float32 product. A constant channel keeps the rule above (returned unchanged,
+:math:`\Delta = 0`), where PyTorch would use its floor or saturate. Unlike the narrow grid,
+the full grid is not idempotent: a weight at :math:`q_{min}\Delta` has a larger magnitude than
+:math:`\alpha`, so requantizing finds another step.
+
 Rounding
 --------
 ``"nearest"`` rounds half to even, exactly as ``numpy.round`` and ``torch.round``.
@@ -47,24 +80,29 @@ constant tensor or channel, since its range is a single point or holds only 0 an
 — precisely, any tensor or channel whose entries are all equal — has :math:`\Delta = 0` and is
 returned unchanged, with codes 0 and error 0: one value needs no grid.
 
-An entry is *clipped* when it lies outside the clipping range (:math:`[-\alpha, \alpha]` or
-:math:`[\ell, h]`; for the 1-bit sign quantizer, outside :math:`[-2\alpha, 2\alpha]`, where its
-error would exceed :math:`\Delta/2`), so "max" clipping clips nothing. Every other entry has
-:math:`|e| \le \Delta/2` under nearest rounding and :math:`|e| < \Delta` under stochastic
-rounding; under dither, :math:`|e| \le \Delta/2` holds inside the range spanned by the levels
-(for the asymmetric scheme the zero point's rounding shifts that range by up to
-:math:`\Delta/2` from :math:`[\ell, h]`, and an edge entry may saturate).
+An entry is *clipped* when it lies outside the clipping range — the outer levels
+(:math:`[-\alpha, \alpha]` or :math:`[\ell, h]`; :math:`[q_{min}\Delta, q_{max}\Delta]` for the full
+symmetric range; for the 1-bit sign quantizer, outside :math:`[-2\alpha, 2\alpha]`, where its
+error would exceed :math:`\Delta/2`), so "max" clipping with ``clip_ratio=1`` clips nothing on
+the narrow grid (the full grid clips the positive maximum). A clipped entry saturates at the
+outer level: its error :math:`\operatorname{clip}(w) - w` is deterministic (eq. E5).
+Every other entry has :math:`|e| \le \Delta/2` under nearest rounding and
+:math:`|e| < \Delta` under stochastic rounding; under dither, :math:`|e| \le \Delta/2` holds
+inside the range spanned by the levels (for the asymmetric scheme the zero point's rounding
+shifts that range by up to :math:`\Delta/2` from :math:`[\ell, h]`, and an edge entry may
+saturate).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from distortion.theory.error_models import (
     ErrorModel,
+    clipping_error_model,
     stochastic_rounding_second_moment,
     uniform_error_variance,
 )
@@ -82,11 +120,15 @@ Scheme = Literal["symmetric", "asymmetric"]
 Granularity = Literal["tensor", "channel"]
 Clipping = Literal["max", "mse"]
 Rounding = Literal["nearest", "stochastic", "dither"]
+SymmetricRange = Literal["narrow", "full"]
 
 _SCHEMES = ("symmetric", "asymmetric")
 _GRANULARITIES = ("tensor", "channel")
 _CLIPPINGS = ("max", "mse")
 _ROUNDINGS = ("nearest", "stochastic", "dither")
+_SYMMETRIC_RANGES = ("narrow", "full")
+#: PyTorch's floor of an observer's scale (``torch.finfo(torch.float32).eps``).
+_TORCH_EPS = float(np.finfo(np.float32).eps)
 #: Candidate clipping ratios of the "mse" search, largest first (ties keep the largest).
 MSE_RATIOS = np.linspace(1.0, 0.01, 100)
 
@@ -94,6 +136,32 @@ MSE_RATIOS = np.linspace(1.0, 0.01, 100)
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_clip_ratio(clip_ratio: Any, clipping: str) -> float:
+    real = int | float | np.integer | np.floating
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, real):
+        raise ValueError(f"clip_ratio must be a number in (0, 2], got {clip_ratio!r}")
+    r = float(clip_ratio)
+    if not (np.isfinite(r) and 0.0 < r <= 2.0):
+        raise ValueError(
+            f"clip_ratio must be in (0, 2] (a factor of the max-based step), got {clip_ratio!r}"
+        )
+    if r != 1.0 and clipping != "max":
+        raise ValueError(
+            f"clip_ratio={clip_ratio!r} needs clipping='max' (clipping={clipping!r} chooses its "
+            "own range)"
+        )
+    return r
+
+
+def _check_range(symmetric_range: Any, scheme: str) -> None:
+    _check_choice("symmetric_range", symmetric_range, _SYMMETRIC_RANGES)
+    if symmetric_range == "full" and scheme != "symmetric":
+        raise ValueError(
+            "symmetric_range='full' applies to scheme='symmetric' only (the asymmetric scheme "
+            f"already uses all 2**bits codes), got scheme={scheme!r}"
+        )
 
 
 def _check_bits(bits: Any) -> int:
@@ -115,11 +183,15 @@ class QuantParams:
     zero_point : ndarray of shape () or (C,)
         Integer code of the value 0 (int64); always 0 for the symmetric scheme.
     lo, hi : ndarray of shape () or (C,)
-        The clipping range; for the symmetric scheme ``lo = -hi = -alpha`` and the outer codes
-        :math:`\pm L` dequantize to :math:`\pm\alpha` exactly.
+        The clipping range (the outer levels); for the narrow symmetric grid
+        ``lo = -hi = -alpha`` and the outer codes :math:`\pm L` dequantize to
+        :math:`\pm\alpha` exactly; for the full one ``lo = qmin * step``, ``hi = qmax * step``.
     qmin, qmax : int
         Smallest and largest integer code.
-    bits, scheme, granularity : see :class:`UniformQuantizer`.
+    bits, scheme, granularity, symmetric_range : see :class:`UniformQuantizer`.
+    compute_dtype : str
+        ``"float64"``, or ``"float32"`` where the full symmetric range follows PyTorch's
+        float32 arithmetic (float32 and lower-precision weights).
     """
 
     step: np.ndarray  # () or (C,)
@@ -131,6 +203,13 @@ class QuantParams:
     bits: int
     scheme: str
     granularity: str
+    symmetric_range: str = "narrow"
+    compute_dtype: str = "float64"
+
+    @property
+    def torch_arithmetic(self) -> bool:
+        """Whether codes follow PyTorch's rule (the full symmetric range; module docstring)."""
+        return self.scheme == "symmetric" and self.symmetric_range == "full" and self.bits > 1
 
     @property
     def noise_variance(self) -> np.ndarray:
@@ -248,9 +327,13 @@ def _rows(w64: np.ndarray, granularity: str) -> np.ndarray:
     return w64.reshape(1, -1) if granularity == "tensor" else w64.reshape(w64.shape[0], -1)
 
 
-def _grid(lo: np.ndarray, hi: np.ndarray, bits: int, scheme: str):
+def _grid(lo: np.ndarray, hi: np.ndarray, bits: int, scheme: str, symmetric_range: str = "narrow"):
     """Step, zero point, qmin, qmax for ranges [lo, hi] (symmetric: hi = alpha, lo = -alpha)."""
-    if scheme == "symmetric":
+    if scheme == "symmetric" and symmetric_range == "full":
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        step = hi / ((qmax - qmin) / 2.0)
+        zp = np.zeros(hi.shape, dtype=np.int64)
+    elif scheme == "symmetric":
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax
         step = hi / qmax
@@ -279,6 +362,8 @@ def choose_qparams(
     scheme: Scheme = "symmetric",
     granularity: Granularity = "tensor",
     clipping: Clipping = "max",
+    symmetric_range: SymmetricRange = "narrow",
+    clip_ratio: float = 1.0,
 ) -> QuantParams:
     r"""Choose the step and zero point of a uniform quantizer for ``w``.
 
@@ -288,7 +373,7 @@ def choose_qparams(
         Weights; with ``granularity="channel"`` the output channels are on axis 0.
     bits : int
         Bit-width, 1..16.
-    scheme, granularity, clipping : str
+    scheme, granularity, clipping, symmetric_range, clip_ratio
         See :class:`UniformQuantizer`.
 
     Returns
@@ -299,10 +384,14 @@ def choose_qparams(
     _check_choice("scheme", scheme, _SCHEMES)
     _check_choice("granularity", granularity, _GRANULARITIES)
     _check_choice("clipping", clipping, _CLIPPINGS)
+    _check_range(symmetric_range, scheme)
+    ratio = _check_clip_ratio(clip_ratio, clipping)
     w64, _ = _to_numpy(w)
     _validate(w64, granularity)
     rows = _rows(w64, granularity)
-    return _choose_rows(rows, bits, scheme, granularity, clipping, _dtype_of(w))
+    return _choose_rows(
+        rows, bits, scheme, granularity, clipping, _dtype_of(w), symmetric_range, ratio
+    )
 
 
 def _dtype_of(w: Any) -> np.dtype:
@@ -313,8 +402,18 @@ def _dtype_of(w: Any) -> np.dtype:
     return dt if dt.kind == "f" else np.dtype(np.float64)
 
 
-def _choose_rows(rows, bits, scheme, granularity, clipping, dtype) -> QuantParams:
+def _compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The arithmetic of PyTorch's rule for weights of ``dtype`` (float32 up to 4 bytes)."""
+    single = dtype.kind == "f" and dtype.itemsize <= 4
+    return np.dtype(np.float32) if single else np.dtype(np.float64)
+
+
+def _choose_rows(
+    rows, bits, scheme, granularity, clipping, dtype, symmetric_range="narrow", clip_ratio=1.0
+) -> QuantParams:
     constant = rows.max(axis=1) == rows.min(axis=1)
+    full = scheme == "symmetric" and symmetric_range == "full" and bits > 1
+    cdt = _compute_dtype(np.dtype(dtype)) if full else np.dtype(np.float64)
     if bits == 1 and scheme == "symmetric":
         a = np.abs(rows)
         amax = a.max(axis=1)
@@ -331,21 +430,38 @@ def _choose_rows(rows, bits, scheme, granularity, clipping, dtype) -> QuantParam
         else:
             lo = np.minimum(rows.min(axis=1), 0.0)
             hi = np.maximum(rows.max(axis=1), 0.0)
+        rng_ = "full" if full else "narrow"
         if clipping == "mse":
             r = MSE_RATIOS[None, :]
-            step_c, zp_c, qmin, qmax = _grid(lo[:, None] * r, hi[:, None] * r, bits, scheme)
+            step_c, zp_c, qmin, qmax = _grid(lo[:, None] * r, hi[:, None] * r, bits, scheme, rng_)
             sse = _nearest_sq_error(rows, step_c, zp_c, qmin, qmax)
             best = np.argmin(sse, axis=1)  # first minimum = largest ratio
+            ratio = MSE_RATIOS[best]
+        else:
+            ratio = np.full(rows.shape[0], float(clip_ratio))
+        if clipping == "mse" or clip_ratio != 1.0:
             # The range is rounded to the values' dtype so that the outer levels are
             # representable: quantizing the dequantized values again finds the same range.
-            lo = (lo * MSE_RATIOS[best]).astype(dtype).astype(np.float64)
-            hi = (hi * MSE_RATIOS[best]).astype(dtype).astype(np.float64)
-        step, zp, qmin, qmax = _grid(lo, hi, bits, scheme)
+            lo = (lo * ratio).astype(dtype).astype(np.float64)
+            hi = (hi * ratio).astype(dtype).astype(np.float64)
+        if full:
+            # PyTorch's observer rule, in the weights' arithmetic (module docstring)
+            qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            alpha = hi.astype(cdt)
+            step = np.maximum(alpha / cdt.type((qmax - qmin) / 2.0), cdt.type(_TORCH_EPS))
+            step = step.astype(np.float64)
+            zp = np.zeros(hi.shape, dtype=np.int64)
+            lo, hi = qmin * step, qmax * step  # the outer levels
+        else:
+            step, zp, qmin, qmax = _grid(lo, hi, bits, scheme)
     step = np.where(constant, 0.0, step)
     zp = np.where(constant, 0, zp).astype(np.int64)
     if granularity == "tensor":
         step, zp, lo, hi = (np.reshape(a, ()) for a in (step, zp, lo, hi))
-    return QuantParams(step, zp, lo, hi, int(qmin), int(qmax), bits, scheme, granularity)
+    return QuantParams(
+        step, zp, lo, hi, int(qmin), int(qmax), bits, scheme, granularity,
+        "full" if full else "narrow", str(cdt),
+    )  # fmt: skip
 
 
 def _per_entry(param: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -382,13 +498,27 @@ def quantize(
     _check_choice("rounding", rounding, _ROUNDINGS)
     w64, _ = _to_numpy(w)
     _validate(w64, qparams.granularity)
+    return _codes(w64, qparams, rounding, seed)
+
+
+def _scaled(w64: np.ndarray, qparams: QuantParams, step: np.ndarray) -> np.ndarray:
+    r""":math:`x = w/\Delta` (float64), or PyTorch's
+    :math:`\mathrm{fl}(w\,\mathrm{fl}(1/\Delta))`."""
+    safe = np.where(step > 0, step, 1.0)
+    if not qparams.torch_arithmetic:
+        return w64 / safe
+    cdt = np.dtype(qparams.compute_dtype)
+    inv = cdt.type(1) / safe.astype(cdt)  # the reciprocal, as torch.fake_quantize_*_affine
+    return (w64.astype(cdt) * inv).astype(np.float64)
+
+
+def _codes(w64, qparams, rounding, seed):
     step = _per_entry(qparams.step, w64.shape)
     zp = _per_entry(qparams.zero_point, w64.shape)
     if qparams.bits == 1 and qparams.scheme == "symmetric":
         codes = np.where(w64 >= 0, 1, -1).astype(np.int64)
         return np.where(step > 0, codes, 0).astype(np.int64), None
-    safe = np.where(step > 0, step, 1.0)
-    x = w64 / safe
+    x = _scaled(w64, qparams, step)
     dither = None
     if rounding == "nearest":
         r = np.round(x)
@@ -425,7 +555,7 @@ def dequantize(
         return codes * (step / 2.0)  # levels ±alpha, alpha = step / 2
     shift = zp if dither is None else zp + dither
     values = (codes - shift) * step
-    if qparams.scheme == "symmetric" and dither is None:
+    if qparams.scheme == "symmetric" and dither is None and qparams.symmetric_range == "narrow":
         # The outer levels are the clipping bounds exactly (L * (alpha / L) may miss alpha by
         # an ulp), which makes quantization idempotent.
         hi = _per_entry(qparams.hi, codes.shape)
@@ -433,7 +563,7 @@ def dequantize(
     return values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class UniformQuantizer:
     r"""A b-bit uniform quantizer of weights, as a frozen configuration.
 
@@ -449,13 +579,25 @@ class UniformQuantizer:
         Range from the extreme values, or the range that minimizes the squared error.
     rounding : {"nearest", "stochastic", "dither"}
         Round half to even, stochastic rounding, or subtractive dither.
+    symmetric_range : {"narrow", "full"}
+        Codes of the symmetric scheme: ``"narrow"`` :math:`-(2^{b-1}-1)..2^{b-1}-1` with
+        :math:`\Delta = \alpha/(2^{b-1}-1)` (TFLite's weights, the default); ``"full"``
+        :math:`-2^{b-1}..2^{b-1}-1` with :math:`\Delta = 2\alpha/(2^b-1)` and PyTorch's
+        arithmetic (``per_channel_symmetric`` observers, bit for bit). Only
+        ``"narrow"`` is allowed with the asymmetric scheme (which needs neither).
+    clip_ratio : float
+        :math:`r \in (0, 2]`: the bound is :math:`r` times the max-based one (with
+        ``clipping="max"`` only): :math:`r < 1` clips the largest weights, :math:`r > 1`
+        leaves headroom.
 
     Notes
     -----
     The module docstring gives the grids. Under the uniform-error hypothesis H_U the error of
     each entry is :math:`U(-\Delta/2, \Delta/2)` with variance :math:`\sigma_q^2` of
     eq. E1 (``theory/error_models.md``); :meth:`compress` returns it as the error model,
-    with the exact eq. E2 for stochastic rounding.
+    with the exact eq. E2 for stochastic rounding. :meth:`error_model` with
+    ``rule="clipping"`` splits off the deterministic error of the clipped entries
+    (eq. E5–E7).
 
     Examples
     --------
@@ -471,6 +613,8 @@ class UniformQuantizer:
     granularity: Granularity = "tensor"
     clipping: Clipping = "max"
     rounding: Rounding = "nearest"
+    symmetric_range: SymmetricRange = "narrow"
+    clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
@@ -478,22 +622,38 @@ class UniformQuantizer:
         _check_choice("granularity", self.granularity, _GRANULARITIES)
         _check_choice("clipping", self.clipping, _CLIPPINGS)
         _check_choice("rounding", self.rounding, _ROUNDINGS)
+        _check_range(self.symmetric_range, self.scheme)
+        object.__setattr__(self, "clip_ratio", _check_clip_ratio(self.clip_ratio, self.clipping))
+
+    def __repr__(self) -> str:
+        # symmetric_range and clip_ratio only when not the defaults: the repr of today's
+        # quantizers (part of cache keys) stays what it was
+        parts = [f"bits={self.bits!r}", f"scheme={self.scheme!r}",
+                 f"granularity={self.granularity!r}", f"clipping={self.clipping!r}",
+                 f"rounding={self.rounding!r}"]  # fmt: skip
+        if self.symmetric_range != "narrow":
+            parts.append(f"symmetric_range={self.symmetric_range!r}")
+        if self.clip_ratio != 1.0:
+            parts.append(f"clip_ratio={self.clip_ratio!r}")
+        return f"UniformQuantizer({', '.join(parts)})"
 
     def with_bits(self, bits: int) -> UniformQuantizer:
         """The same quantizer at another bit-width."""
-        return UniformQuantizer(
-            bits,
-            scheme=self.scheme,
-            granularity=self.granularity,
-            clipping=self.clipping,
-            rounding=self.rounding,
-        )
+        return replace(self, bits=bits)
 
     def qparams(self, w: Any) -> QuantParams:
         """Step and zero point for ``w`` (see :func:`choose_qparams`)."""
         return choose_qparams(
-            w, self.bits, scheme=self.scheme, granularity=self.granularity, clipping=self.clipping
-        )
+            w, self.bits, scheme=self.scheme, granularity=self.granularity,
+            clipping=self.clipping, symmetric_range=self.symmetric_range,
+            clip_ratio=self.clip_ratio,
+        )  # fmt: skip
+
+    def _qparams64(self, w64: np.ndarray, dtype: np.dtype) -> QuantParams:
+        return _choose_rows(
+            _rows(w64, self.granularity), self.bits, self.scheme, self.granularity,
+            self.clipping, dtype, self.symmetric_range, self.clip_ratio,
+        )  # fmt: skip
 
     def quantize(self, w: Any, *, seed: int | np.random.Generator | None = None) -> QuantizedTensor:
         """Quantize ``w`` (numpy array or torch tensor); ``w`` itself is never modified.
@@ -511,15 +671,8 @@ class UniformQuantizer:
         """
         w64, like = _to_numpy(w)
         _validate(w64, self.granularity)
-        qp = _choose_rows(
-            _rows(w64, self.granularity),
-            self.bits,
-            self.scheme,
-            self.granularity,
-            self.clipping,
-            _dtype_of(w),
-        )
-        codes, dither = quantize(w64, qp, rounding=self.rounding, seed=seed)
+        qp = self._qparams64(w64, _dtype_of(w))
+        codes, dither = _codes(w64, qp, self.rounding, seed)
         values64 = dequantize(codes, qp, dither=dither)
         step = _per_entry(qp.step, w64.shape)
         values64 = np.where(step > 0, values64, w64)
@@ -529,8 +682,24 @@ class UniformQuantizer:
         model = self._error_model(w64, qp)
         return QuantizedTensor(values, codes, qp.step, qp.zero_point, error, clipped, self, model)
 
-    def _error_model(self, w64: np.ndarray, qp: QuantParams) -> ErrorModel:
+    def _error_model(self, w64: np.ndarray, qp: QuantParams, rule: str = "uniform") -> ErrorModel:
         """The error model of this quantizer on ``w`` (the one rule: error_models.py)."""
+        if rule == "clipping":
+            step = _per_entry(qp.step, w64.shape)
+            if self.scheme == "asymmetric":
+                # the outer levels (q - z) * step, which the zero point's rounding moves by up
+                # to step / 2 from [lo, hi]: an entry saturates beyond them (eq. E5)
+                zp = _per_entry(qp.zero_point, w64.shape)
+                lo, hi = (qp.qmin - zp) * step, (qp.qmax - zp) * step
+                tol = 8 * np.finfo(np.float64).eps * np.maximum(np.abs(lo), np.abs(hi))
+                clipped = (step > 0) & ((w64 > hi + tol) | (w64 < lo - tol))
+            else:
+                clipped = self._clipped(w64, qp, step)
+                lo, hi = _per_entry(qp.lo, w64.shape), _per_entry(qp.hi, w64.shape)
+            return clipping_error_model(  # (eq. E5-E6)
+                w64, qp.step, clipped, lo, hi, rounding=self.rounding,
+                granularity=self.granularity,
+            )  # fmt: skip
         if self.rounding == "stochastic":
             axis = 0 if self.granularity == "channel" else None
             m2 = stochastic_rounding_second_moment(w64, qp.step, channel_axis=axis)  # (eq. E2)
@@ -554,15 +723,30 @@ class UniformQuantizer:
         qt = self.quantize(w, seed=seed)
         return Compressed(qt.values, qt.error, qt.error_model, self, qt)
 
-    def error_model(self, w: Any) -> ErrorModel:
-        """The error model of quantizing ``w`` (no realization needed)."""
+    def error_model(
+        self, w: Any, *, rule: Literal["uniform", "clipping"] = "uniform"
+    ) -> ErrorModel:
+        r"""The error model of quantizing ``w`` (no realization needed, data-free).
+
+        Parameters
+        ----------
+        w : array_like or torch.Tensor
+        rule : {"uniform", "clipping"}
+            ``"uniform"``: the rounding model of every entry (eq. E1, E2), what
+            :meth:`compress` returns. ``"clipping"``: the split of eq. E5–E7 — the clipped
+            entries' exact error :math:`\operatorname{clip}(w) - w` as the model's
+            ``deterministic`` part (shape of ``w``), rounding noise on the other entries only
+            (``second_moment`` per tensor or channel, averaged over all its entries).
+
+        Returns
+        -------
+        ErrorModel
+        """
+        if rule not in ("uniform", "clipping"):
+            raise ValueError(f"rule must be 'uniform' or 'clipping', got {rule!r}")
         w64, _ = _to_numpy(w)
         _validate(w64, self.granularity)
-        qp = _choose_rows(
-            _rows(w64, self.granularity), self.bits, self.scheme, self.granularity,
-            self.clipping, _dtype_of(w),
-        )  # fmt: skip
-        return self._error_model(w64, qp)
+        return self._error_model(w64, self._qparams64(w64, _dtype_of(w)), rule)
 
     def _clipped(self, w64: np.ndarray, qp: QuantParams, step: np.ndarray) -> np.ndarray:
         lo, hi = _per_entry(qp.lo, w64.shape), _per_entry(qp.hi, w64.shape)

@@ -345,3 +345,260 @@ def test_to_frame():
     df = res.to_frame()
     assert list(df["channel"]) == [0, 1, 2]
     np.testing.assert_allclose(df["uniform_var"], res.step**2 / 12)
+
+
+# --------------------------------------------------------------------------------------------
+# The full symmetric range (PyTorch's convention) and the clip ratio (issue 14).
+# --------------------------------------------------------------------------------------------
+def _torch_fake_quantize(w32: np.ndarray, bits: int, granularity: str):
+    """PyTorch's own observer + fake quantization of float32 weights (the reference)."""
+    torch = pytest.importorskip("torch")
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    t = torch.from_numpy(w32)
+    if granularity == "channel":
+        obs = PerChannelMinMaxObserver(
+            ch_axis=0,
+            dtype=torch.qint8,
+            quant_min=qmin,
+            quant_max=qmax,
+            qscheme=torch.per_channel_symmetric,
+        )
+        obs(t)
+        scale, zp = obs.calculate_qparams()
+        fq = torch.fake_quantize_per_channel_affine(t, scale, zp.to(torch.int32), 0, qmin, qmax)
+    else:
+        obs = MinMaxObserver(
+            dtype=torch.qint8, quant_min=qmin, quant_max=qmax, qscheme=torch.per_tensor_symmetric
+        )
+        obs(t)
+        scale, zp = obs.calculate_qparams()
+        fq = torch.fake_quantize_per_tensor_affine(t, float(scale), int(zp), qmin, qmax)
+    return scale.numpy().astype(np.float64).reshape(-1), fq.numpy()
+
+
+def _near_ties(bits: int, n_out: int = 8, n_in: int = 300, seed: int = 0) -> np.ndarray:
+    """float32 weights with many entries at and next to the half-way points of torch's grid."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(scale=0.1, size=(n_out, n_in)).astype(np.float32)
+    half = (2**bits - 1) / 2.0
+    for c in range(n_out):
+        amax = np.float32(np.abs(w[c]).max())
+        s = np.float32(amax / np.float32(half))
+        k = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, size=60)
+        ties = ((k + 0.5) * s).astype(np.float32)
+        ties = ties[np.abs(ties) < amax]
+        w[c, : ties.size] = ties
+        w[c, 100 : 100 + ties.size] = np.nextafter(ties, np.float32(np.inf))
+        w[c, 200 : 200 + ties.size] = np.nextafter(ties, np.float32(-np.inf))
+    return w
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_full_range_is_bit_exact_with_torch(bits, granularity):
+    w = _near_ties(bits)
+    scale, ref = _torch_fake_quantize(w, bits, granularity)
+    res = UniformQuantizer(bits, granularity=granularity, symmetric_range="full").quantize(w)
+    assert res.values.dtype == np.float32
+    np.testing.assert_array_equal(np.atleast_1d(res.step), scale)  # the observer's scales
+    np.testing.assert_array_equal(res.values, ref)  # bit for bit, near-ties included
+    assert res.codes.min() >= -(2 ** (bits - 1)) and res.codes.max() <= 2 ** (bits - 1) - 1
+    # the torch path (a tensor in, a tensor out) is the same
+    torch = pytest.importorskip("torch")
+    rt = UniformQuantizer(bits, granularity=granularity, symmetric_range="full").quantize(
+        torch.from_numpy(w)
+    )
+    np.testing.assert_array_equal(rt.values.numpy(), ref)
+
+
+def test_full_range_differs_from_division_at_near_ties():
+    """The reciprocal rule matters: dividing by the step gives other codes on some near-ties."""
+    w = _near_ties(8)
+    q = UniformQuantizer(8, granularity="channel", symmetric_range="full")
+    res = q.quantize(w)
+    step = res.step.reshape(-1, 1)
+    by_division = np.clip(np.round(w.astype(np.float64) / step), -128, 127)
+    assert np.any(by_division != res.codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_full_range_against_naive_levels(bits):
+    """float64 weights: the nearest level k * 2 alpha / (2^b - 1), k = -2^(b-1)..2^(b-1)-1."""
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(5, 40))
+    res = UniformQuantizer(bits, granularity="channel", symmetric_range="full").quantize(w)
+    for c in range(5):
+        alpha = np.abs(w[c]).max()
+        step = alpha / ((2**bits - 1) / 2.0)
+        codes = list(range(-(2 ** (bits - 1)), 2 ** (bits - 1)))
+        nc, nv = _naive_nearest(w[c], codes, [k * step for k in codes], 0)
+        # -alpha sits exactly half-way between qmin and qmin + 1 (a tie up to round-off)
+        keep = w[c] != -alpha
+        np.testing.assert_array_equal(res.codes[c][keep], nc[keep])
+        np.testing.assert_allclose(res.values[c][keep], nv[keep], rtol=0, atol=1e-15)
+        assert set(res.codes[c][~keep]) <= {codes[0], codes[1]}
+        # the positive maximum is clipped (it sits at qmax + 1/2), the negative one is not
+        top = np.argmax(w[c])
+        assert res.clipped[c, top] == (w[c, top] > (2 ** (bits - 1) - 1) * step)
+        assert not np.any(res.clipped[c][w[c] < 0])
+    np.testing.assert_array_equal(res.clipped, w > _per_row(res.step, w) * (2 ** (bits - 1) - 1))
+
+
+def _per_row(step, w):
+    return np.asarray(step).reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+@pytest.mark.parametrize("ratio", [1.03, 0.97, 0.933, 0.5])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_clip_ratio_against_naive_transcription(ratio, granularity):
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(6, 30))
+    res = UniformQuantizer(4, granularity=granularity, clip_ratio=ratio).quantize(w)
+    groups = w.reshape(1, -1) if granularity == "tensor" else w
+    codes = res.codes.reshape(groups.shape)
+    values = res.values.reshape(groups.shape)
+    clipped = res.clipped.reshape(groups.shape)
+    for g, row in enumerate(groups):
+        hi = ratio * np.abs(row).max()
+        nc, nv = _naive_nearest(row, *_naive_levels(-hi, hi, 4, "symmetric")[:2], 0)
+        np.testing.assert_array_equal(codes[g], nc)
+        np.testing.assert_allclose(values[g], nv, rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(clipped[g], np.abs(row) > hi * (1 + 1e-12))
+        assert np.atleast_1d(res.step)[g] == pytest.approx(hi / 7, rel=1e-15)
+    if ratio > 1:
+        assert not res.clipped.any()
+    else:
+        assert res.clipped.any()
+
+
+def test_clip_ratio_one_and_narrow_range_are_todays_quantizer():
+    w = np.random.default_rng(3).normal(size=(4, 9)).astype(np.float32)
+    a = UniformQuantizer(4, granularity="channel").quantize(w)
+    b = UniformQuantizer(4, granularity="channel", symmetric_range="narrow",
+                         clip_ratio=1.0).quantize(w)  # fmt: skip
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.step, b.step)
+
+
+def test_new_fields_travel_with_the_quantizer():
+    from dataclasses import asdict
+
+    q = UniformQuantizer(4, granularity="channel", symmetric_range="full", clip_ratio=0.97)
+    assert q.with_bits(8) == UniformQuantizer(8, granularity="channel", symmetric_range="full",
+                                              clip_ratio=0.97)  # fmt: skip
+    assert UniformQuantizer(**asdict(q)) == q
+    assert "clip_ratio=0.97" in repr(q) and "symmetric_range='full'" in repr(q)
+    assert q != UniformQuantizer(4, granularity="channel", symmetric_range="full")
+    w = np.random.default_rng(0).normal(size=(3, 8))
+    qp = q.qparams(w)
+    assert qp.symmetric_range == "full" and (qp.qmin, qp.qmax) == (-8, 7)
+    np.testing.assert_array_equal(qp.step, q.quantize(w).step)
+    assert q.compress(w).detail.quantizer is q
+    assert list(q.to_frame().columns)[-2:] == ["symmetric_range", "clip_ratio"]
+    qp2 = choose_qparams(w, 4, granularity="channel", symmetric_range="full", clip_ratio=0.97)
+    np.testing.assert_array_equal(qp2.step, qp.step)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clip_ratio": 0.0}, r"clip_ratio must be in \(0, 2\]"),
+        ({"clip_ratio": -0.5}, r"clip_ratio must be in \(0, 2\]"),
+        ({"clip_ratio": 2.5}, r"clip_ratio must be in \(0, 2\]"),
+        ({"clip_ratio": float("nan")}, r"clip_ratio must be in \(0, 2\]"),
+        ({"clip_ratio": True}, "clip_ratio must be a number"),
+        ({"clip_ratio": "0.9"}, "clip_ratio must be a number"),
+        ({"clip_ratio": 0.9, "clipping": "mse"}, "needs clipping='max'"),
+        ({"symmetric_range": "wide"}, "symmetric_range must be one of"),
+        ({"symmetric_range": "full", "scheme": "asymmetric"}, "scheme='symmetric' only"),
+    ],
+)
+def test_bad_range_and_ratio_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UniformQuantizer(4, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        choose_qparams(np.ones((2, 3)) * [1, 2, 3], 4, **kwargs)
+
+
+def test_clip_ratio_applies_to_the_asymmetric_range():
+    w = np.random.default_rng(1).normal(size=(2, 50))
+    a = UniformQuantizer(4, scheme="asymmetric", granularity="channel").qparams(w)
+    b = UniformQuantizer(4, scheme="asymmetric", granularity="channel", clip_ratio=0.9).qparams(w)
+    np.testing.assert_allclose(b.step, 0.9 * a.step, rtol=1e-12)
+    np.testing.assert_allclose(b.hi, 0.9 * a.hi, rtol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# The clipping split of the error model (eq. E5-E7)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "q",
+    [
+        UniformQuantizer(4, granularity="channel", clip_ratio=0.9),
+        UniformQuantizer(4, granularity="tensor", clip_ratio=0.8),
+        UniformQuantizer(4, granularity="channel", symmetric_range="full"),
+        UniformQuantizer(3, granularity="channel", clipping="mse"),
+        UniformQuantizer(4, scheme="asymmetric", granularity="channel", clip_ratio=0.85),
+    ],
+)
+def test_clipping_split_is_the_actual_error_on_clipped_entries(q):
+    w = np.random.default_rng(5).standard_t(4, size=(6, 40))
+    res = q.quantize(w)
+    em = q.error_model(w, rule="clipping")
+    d = em.deterministic
+    assert d.shape == w.shape and em.rule == "clipping" and em.random
+    sat = d != 0  # the saturated entries: beyond the outer levels
+    np.testing.assert_allclose(d[sat], res.error[sat], rtol=0, atol=1e-14)
+    half = _per_row(res.step, w) / 2 if q.granularity == "channel" else res.step / 2
+    assert np.all(np.abs(np.where(sat, 0.0, res.error)) <= half * (1 + 1e-9))
+    if q.scheme == "symmetric":
+        np.testing.assert_array_equal(sat, res.clipped)
+    assert np.all(d * w <= 0)  # towards zero
+    axis = 1 if q.granularity == "channel" else None
+    share = sat.reshape(6, -1).mean(axis=axis) if axis else sat.mean()
+    np.testing.assert_allclose(em.second_moment, (1 - share) * np.asarray(res.step) ** 2 / 12)
+    msd = (d.reshape(6, -1) ** 2).mean(axis=1) if axis else np.mean(d**2)
+    np.testing.assert_allclose(em.total_second_moment, em.second_moment + msd)
+    assert "deterministic_second_moment" in em.to_frame()
+    # the default rule is today's model, with no deterministic part
+    assert q.error_model(w).deterministic is None
+    np.testing.assert_array_equal(q.error_model(w).second_moment, res.error_model.second_moment)
+
+
+def test_clipping_split_of_stochastic_rounding_and_dither():
+    w = np.random.default_rng(2).normal(size=(4, 50))
+    qs = UniformQuantizer(4, granularity="channel", clip_ratio=0.8, rounding="stochastic")
+    em = qs.error_model(w, rule="clipping")
+    res = qs.quantize(w, seed=0)
+    step = res.step.reshape(-1, 1)
+    p = w / step - np.floor(w / step)
+    naive = np.where(res.clipped, 0.0, step**2 * p * (1 - p)).mean(axis=1)  # (eq. E2, E6)
+    np.testing.assert_allclose(em.second_moment, naive, rtol=1e-12)
+    qd = UniformQuantizer(4, granularity="channel", clip_ratio=0.8, rounding="dither")
+    ed = qd.error_model(w, rule="clipping")
+    np.testing.assert_allclose(ed.second_moment, res.step**2 / 12)  # dither: every entry
+    np.testing.assert_array_equal(ed.deterministic, em.deterministic)
+
+
+def test_clipping_split_of_dither_against_monte_carlo():
+    """Dither: E = D + N exactly, N i.i.d. U(-step/2, step/2) — mean D, variance step^2/12.
+
+    2 000 seeded realizations; |mean error - D| < 4 stderr on every entry, and the mean
+    variance over entries within 4 stderr of step^2/12.
+    """
+    w = np.random.default_rng(11).normal(size=(3, 20))
+    q = UniformQuantizer(3, granularity="channel", clip_ratio=0.7, rounding="dither")
+    em = q.error_model(w, rule="clipping")
+    errs = np.stack([q.quantize(w, seed=s).error for s in range(2000)])
+    step = q.quantize(w, seed=0).step.reshape(-1, 1)
+    se = step / np.sqrt(12 * 2000)
+    assert np.all(np.abs(errs.mean(0) - em.deterministic) < 4 * se)
+    var = errs.var(0) / (step**2 / 12)  # ~ 1, stderr sqrt(0.8 / 2000) per entry (uniform)
+    assert abs(var.mean() - 1) < 4 * np.sqrt(0.8 / 2000 / var.size)
+
+
+def test_error_model_rule_is_checked():
+    with pytest.raises(ValueError, match="rule must be 'uniform' or 'clipping'"):
+        UniformQuantizer(4).error_model(np.arange(5.0), rule="mse")

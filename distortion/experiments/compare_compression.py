@@ -115,8 +115,12 @@ def compressor_settings(compressor: Any) -> dict[str, Any]:
     if isinstance(c, dict):  # a mixed configuration: the settings of its first compressor
         return compressor_settings(next(v for v in c.values() if v is not None))
     if isinstance(c, UniformQuantizer):
-        return dict(bits=int(c.bits), scheme=c.scheme, granularity=c.granularity,
-                    clipping=c.clipping, rounding=c.rounding)  # fmt: skip
+        # the full symmetric range and a clip ratio are part of the key ("symmetric-full",
+        # "max*0.97"); the defaults read as before
+        scheme = c.scheme if c.symmetric_range == "narrow" else f"{c.scheme}-full"
+        clipping = c.clipping if c.clip_ratio == 1.0 else f"{c.clipping}*{c.clip_ratio:g}"
+        return dict(bits=int(c.bits), scheme=scheme, granularity=c.granularity,
+                    clipping=clipping, rounding=c.rounding)  # fmt: skip
     if isinstance(c, NonUniformQuantizer):
         return dict(bits=int(c.bits), scheme=c.grid, granularity=c.granularity,
                     clipping="max", rounding="nearest")  # fmt: skip
@@ -444,9 +448,7 @@ def compare_compression(
         )  # fmt: skip
         band = grams.projections is not None
         l3 = multilayer_distortion(grams, m2, seed=realization_seed(seed, i), band=band)
-        l2, dz = linearized_prediction(
-            model, data, compressed, pred, labels, batch_size=batch_size
-        )
+        l2, dz = linearized_prediction(model, data, compressed, pred, labels, batch_size=batch_size)
         l3p = l3.to_prediction()
         sq = [float(np.sum(compressed[k].error ** 2)) for k in names]
         sakr = sakr_bound(grams, variances=m2) if baselines else None

@@ -13,7 +13,11 @@ the error from here and nowhere else (``theory/error_models.md``):
   :math:`E[e^2 \mid w] = \Delta^2 p(1-p)` exactly (eq. E2), whose mean over a uniform
   :math:`p` is :math:`\Delta^2/6` (eq. E3);
 * ``"empirical"``: the actual mean square :math:`\overline{e^2}` of one realization
-  (eq. E4), which accounts for clipping and the occupancy of the zero bin.
+  (eq. E4), which accounts for clipping and the occupancy of the zero bin;
+* clipping split (:func:`clipping_error_model`): the clipped entries' error
+  :math:`\operatorname{clip}(w) - w` is known exactly from the weights (eq. E5) and kept as
+  the model's ``deterministic`` part, a known shift of the logits (eq. E7); rounding noise
+  acts on the other entries only, :math:`(1 - \pi_c)\Delta^2/12` per channel (eq. E6).
 
 numpy only; no torch, no pandas at import.
 """
@@ -29,6 +33,7 @@ __all__ = [
     "ERROR_RULES",
     "UNIFORM_SECOND_MOMENT",
     "ErrorModel",
+    "clipping_error_model",
     "empirical_second_moment",
     "stochastic_rounding_second_moment",
     "uniform_error_variance",
@@ -112,6 +117,90 @@ def empirical_second_moment(error: np.ndarray, *, channel_axis: int | None = Non
     return np.mean(e.reshape(e.shape[0], -1) ** 2, axis=1)
 
 
+def _group_mean(a: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """Mean per tensor (shape ()) or per output channel on axis 0 (shape (C,))."""
+    if channel_axis is None:
+        return np.asarray(np.mean(a))
+    return np.mean(a.reshape(a.shape[0], -1), axis=1)
+
+
+def clipping_error_model(
+    w: Any,
+    step: Any,
+    clipped: Any,
+    lo: Any,
+    hi: Any,
+    *,
+    rounding: str = "nearest",
+    granularity: str = "tensor",
+) -> ErrorModel:
+    r"""Split the error of a uniform quantizer into its clipping part and rounding noise.
+
+    An entry beyond the outer levels :math:`[\ell, h]` saturates there, so its error is
+    known from the weight alone (eq. E5),
+
+    .. math:: d = \operatorname{clip}(w, \ell, h) - w \qquad (w \notin [\ell, h]),
+
+    and enters the prediction as a deterministic shift of the logits (eq. E7). The other
+    entries carry rounding noise; per tensor or output channel :math:`c` with a share
+    :math:`\pi_c` of clipped entries (eq. E6)
+
+    .. math:: \sigma_c^2 = (1 - \pi_c)\,\frac{\Delta_c^2}{12} \quad\text{(nearest, H_U)},
+              \qquad
+              \sigma_c^2 = \frac1{n_c}\sum_{i \notin B_c} \Delta_c^2 p_i(1-p_i)
+              \quad\text{(stochastic)},
+
+    while subtractive dither adds its offset :math:`U(-\Delta/2, \Delta/2)` to every entry,
+    clipped or not: :math:`\sigma_c^2 = \Delta_c^2/12`.
+
+    Parameters
+    ----------
+    w : ndarray of shape (C, ...)
+        The weights (float64).
+    step : ndarray of shape () or (C,)
+        :math:`\Delta` per tensor or channel.
+    clipped : ndarray of bool, shape of ``w``
+        The entries outside :math:`[\ell, h]`.
+    lo, hi : ndarray broadcastable to the shape of ``w``
+        The outer levels :math:`\ell \le 0 \le h` (per entry).
+    rounding : {"nearest", "stochastic", "dither"}
+    granularity : {"tensor", "channel"}
+
+    Returns
+    -------
+    ErrorModel
+        ``deterministic`` :math:`D` (shape of ``w``, 0 off the clipped entries),
+        ``second_moment`` the :math:`\sigma_c^2` of the noise, ``mean`` 0, ``random`` True,
+        ``rule`` ``"clipping"``.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    mask = np.asarray(clipped, dtype=bool)
+    if mask.shape != w.shape:
+        raise ValueError(f"clipped must have the shape of w {w.shape}, got {mask.shape}")
+    if rounding not in ("nearest", "stochastic", "dither"):
+        raise ValueError(f"rounding must be 'nearest', 'stochastic' or 'dither', got {rounding!r}")
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), w.shape)
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), w.shape)
+    d = np.where(mask, np.clip(w, lo, hi) - w, 0.0)  # (eq. E5)
+    axis = 0 if granularity == "channel" else None
+    s = np.asarray(step, dtype=np.float64)
+    if rounding == "dither":
+        m2 = uniform_error_variance(s)  # the offset is added to every entry (eq. E6)
+    elif rounding == "nearest":
+        m2 = uniform_error_variance(s) * (1.0 - _group_mean(mask, axis))  # (eq. E6)
+    else:
+        se = s if axis is None else s.reshape((-1,) + (1,) * (w.ndim - 1))
+        safe = np.where(se > 0, se, 1.0)
+        p = w / safe - np.floor(w / safe)
+        m2 = _group_mean(np.where(mask, 0.0, se**2 * p * (1.0 - p)), axis)  # (eq. E2, E6)
+    return ErrorModel(
+        np.asarray(m2, dtype=np.float64), 0.0, granularity=granularity, random=True,
+        rule="clipping", deterministic=d,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ErrorModel:
     r"""Second moment and mean of a compression's perturbation :math:`E = \hat W - W`.
@@ -130,7 +219,14 @@ class ErrorModel:
         stochastic) — the band of one realization then applies — or deterministic (pruning,
         truncation, codebooks fitted to the weights).
     rule : str
-        What produced it (``"uniform"``, ``"stochastic"``, ``"empirical"``, ...).
+        What produced it (``"uniform"``, ``"stochastic"``, ``"empirical"``, ``"clipping"``,
+        ...).
+    deterministic : ndarray of the weight's shape, or None
+        A part :math:`D` of the perturbation known exactly from the weights (data-free),
+        e.g. the error of the clipped entries (eq. E5): :math:`E = D + N`, and
+        ``second_moment`` / ``mean`` then describe the remainder :math:`N` only. A
+        prediction propagates :math:`D` through the Jacobian as a known shift of the logits
+        (eq. E7) and :math:`N` as noise. None: no known part (:math:`D = 0`).
     """
 
     second_moment: np.ndarray  # () or (C,)
@@ -138,6 +234,7 @@ class ErrorModel:
     granularity: str = "tensor"
     random: bool = True
     rule: str = "uniform"
+    deterministic: np.ndarray | None = field(default=None, repr=False)  # shape of w
 
     def __post_init__(self) -> None:
         m2 = np.asarray(self.second_moment, dtype=np.float64)
@@ -147,20 +244,47 @@ class ErrorModel:
         if np.any(m2 < 0):
             raise ValueError("the second moment of an error cannot be negative")
         if self.granularity not in ("tensor", "channel"):
-            raise ValueError(
-                f"granularity must be 'tensor' or 'channel', got {self.granularity!r}"
-            )
+            raise ValueError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
         if self.granularity == "tensor" and m2.ndim != 0:
             raise ValueError("a per-tensor error model has a scalar second moment")
         if self.granularity == "channel" and m2.ndim != 1:
             raise ValueError("a per-channel error model has one second moment per channel (C,)")
         object.__setattr__(self, "second_moment", m2)
         object.__setattr__(self, "mean", mu)
+        if self.deterministic is not None:
+            d = np.array(self.deterministic, dtype=np.float64)
+            if not np.all(np.isfinite(d)):
+                raise ValueError("the deterministic part of an error must be finite")
+            if self.granularity == "channel" and (d.ndim == 0 or d.shape[0] != m2.shape[0]):
+                raise ValueError(
+                    f"a per-channel deterministic part needs {m2.shape[0]} channels on axis 0, "
+                    f"got shape {d.shape}"
+                )
+            d.setflags(write=False)
+            object.__setattr__(self, "deterministic", d)
 
     @property
     def variance(self) -> np.ndarray:
         r""":math:`E[e^2] - E[e]^2` per tensor or channel."""
         return np.maximum(self.second_moment - self.mean**2, 0.0)
+
+    @property
+    def deterministic_second_moment(self) -> np.ndarray:
+        r""":math:`\frac1{n_c}\sum_i d_i^2` of the deterministic part, () or (C,) (0: none)."""
+        if self.deterministic is None:
+            return np.zeros(self.second_moment.shape)
+        axis = 0 if self.granularity == "channel" else None
+        return _group_mean(self.deterministic**2, axis)
+
+    @property
+    def total_second_moment(self) -> np.ndarray:
+        r""":math:`E[e^2]` of the whole perturbation :math:`D + N` per tensor or channel (eq. E6).
+
+        With the clipping split this is :math:`(1-\pi_c)\Delta_c^2/12 + \overline{d^2}_c`, the
+        analogue of eq. A5 for weights; the noise and the shift are uncorrelated (the noise
+        has mean 0 and acts on other entries).
+        """
+        return self.second_moment + self.deterministic_second_moment
 
     def to_frame(self):
         """One row per tensor or channel."""
@@ -174,5 +298,6 @@ class ErrorModel:
                 "mean": np.atleast_1d(self.mean),
                 "random": self.random,
                 "rule": self.rule,
+                "deterministic_second_moment": np.atleast_1d(self.deterministic_second_moment),
             }
         )
