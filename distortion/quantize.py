@@ -641,6 +641,14 @@ class UniformQuantizer:
         """The same quantizer at another bit-width."""
         return replace(self, bits=bits)
 
+    def labels(self) -> dict[str, str]:
+        """The ``scheme`` and ``clipping`` labels of comparison tables: the full symmetric
+        range and a clip ratio are part of them (``"symmetric-full"``, ``"max*0.97"``); the
+        defaults read as the plain settings."""
+        scheme = self.scheme if self.symmetric_range == "narrow" else f"{self.scheme}-full"
+        clip = self.clipping if self.clip_ratio == 1.0 else f"{self.clipping}*{self.clip_ratio:g}"
+        return {"scheme": scheme, "clipping": clip}
+
     def qparams(self, w: Any) -> QuantParams:
         """Step and zero point for ``w`` (see :func:`choose_qparams`)."""
         return choose_qparams(

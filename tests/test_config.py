@@ -152,3 +152,24 @@ def test_run_passes_the_quantizer_section_to_the_hypothesis_stage(real_data, tmp
     assert [(q.scheme, q.granularity, q.clipping, q.rounding) for q in qs.values()] == [
         ("asymmetric", "channel", "mse", "nearest")
     ]
+
+
+def test_weight_grid_convention_and_clip_ratio_reach_every_quantizer():
+    cfg = ExperimentConfig.from_dict(
+        {"quantizer": {"symmetric_range": "full", "clip_ratio": 0.97, "granularity": "channel"}}
+    )
+    qs = cfg.quantizers([4, 8]) + list(cfg.hypothesis_quantizers().values())
+    assert all(q.symmetric_range == "full" and q.clip_ratio == 0.97 for q in qs)
+    assert qs[0].labels() == {"scheme": "symmetric-full", "clipping": "max*0.97"}
+    plain = ExperimentConfig().quantizers([4])[0].labels()
+    assert plain == {"scheme": "symmetric", "clipping": "max"}
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [{"clip_ratio": 0.0}, {"clip_ratio": 3}, {"symmetric_range": "wide"},
+     {"symmetric_range": "full", "scheme": "asymmetric"}],
+)  # fmt: skip
+def test_bad_weight_grid_settings_name_the_section(quantizer):
+    with pytest.raises(ValueError, match=r"\[quantizer\]|quantizer\."):
+        ExperimentConfig.from_dict({"quantizer": quantizer})

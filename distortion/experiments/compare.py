@@ -55,10 +55,15 @@ def quantizer_grid(
     scheme: str = "symmetric",
     clipping: str = "max",
     rounding: str = "nearest",
+    symmetric_range: str = "narrow",
+    clip_ratio: float = 1.0,
 ) -> list[UniformQuantizer]:
     """Every quantizer of the grid bits × granularity (other settings fixed)."""
     return [
-        UniformQuantizer(int(b), scheme=scheme, granularity=g, clipping=clipping, rounding=rounding)
+        UniformQuantizer(
+            int(b), scheme=scheme, granularity=g, clipping=clipping, rounding=rounding,
+            symmetric_range=symmetric_range, clip_ratio=clip_ratio,
+        )  # fmt: skip
         for g in granularity
         for b in bits
     ]
@@ -434,9 +439,9 @@ def compare_last_layer(
             "layers": "last",
             "n_classes": len(rows),
             "bits": int(q.bits),
-            "scheme": q.scheme,
+            "scheme": q.labels()["scheme"],
             "granularity": q.granularity,
-            "clipping": q.clipping,
+            "clipping": q.labels()["clipping"],
             "rounding": q.rounding,
             "n_fit": len(fit_s.labels),
             "n_eval": len(y_ev),
@@ -748,8 +753,8 @@ def compare_all_layers(
         key = {
             "model": model_name, "problem": "10-class" if logits.shape[1] == 10 else
             f"{logits.shape[1]}-class", "layers": "all", "n_classes": logits.shape[1],
-            "bits": int(q.bits), "scheme": q.scheme, "granularity": q.granularity,
-            "clipping": q.clipping, "rounding": q.rounding, "n_fit": 0, "n_eval": n,
+            "bits": int(q.bits), "scheme": q.labels()["scheme"], "granularity": q.granularity,
+            "clipping": q.labels()["clipping"], "rounding": q.rounding, "n_fit": 0, "n_eval": n,
             "step_mean": float(np.mean([np.mean(s) for s in steps])),
             "error_second_moment_mean": float(np.mean([np.mean(v) for v in m2])),
         }  # fmt: skip

@@ -115,12 +115,9 @@ def compressor_settings(compressor: Any) -> dict[str, Any]:
     if isinstance(c, dict):  # a mixed configuration: the settings of its first compressor
         return compressor_settings(next(v for v in c.values() if v is not None))
     if isinstance(c, UniformQuantizer):
-        # the full symmetric range and a clip ratio are part of the key ("symmetric-full",
-        # "max*0.97"); the defaults read as before
-        scheme = c.scheme if c.symmetric_range == "narrow" else f"{c.scheme}-full"
-        clipping = c.clipping if c.clip_ratio == 1.0 else f"{c.clipping}*{c.clip_ratio:g}"
-        return dict(bits=int(c.bits), scheme=scheme, granularity=c.granularity,
-                    clipping=clipping, rounding=c.rounding)  # fmt: skip
+        lab = c.labels()  # "symmetric-full", "max*0.97"; the defaults read as before
+        return dict(bits=int(c.bits), scheme=lab["scheme"], granularity=c.granularity,
+                    clipping=lab["clipping"], rounding=c.rounding)  # fmt: skip
     if isinstance(c, NonUniformQuantizer):
         return dict(bits=int(c.bits), scheme=c.grid, granularity=c.granularity,
                     clipping="max", rounding="nearest")  # fmt: skip

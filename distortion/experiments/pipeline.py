@@ -67,7 +67,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "data", "models", "quantizer", "last_layer", "all_layers", "hypotheses"),
     "data": ("source", "n", "fit_fraction", "seed"),
     "models": ("names",),
-    "quantizer": ("scheme", "clipping", "rounding", "granularity"),
+    "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
     "all_layers": ("bits", "n", "dither_realizations", "competitors"),
     "hypotheses": ("bits", "n_components", "layers"),
@@ -79,6 +79,7 @@ _TOML_KEY: dict[str, str] = {
     "fit_fraction": "data.fit_fraction", "seed": "data.seed", "models": "models.names",
     "scheme": "quantizer.scheme", "clipping": "quantizer.clipping",
     "rounding": "quantizer.rounding", "granularity": "quantizer.granularity",
+    "symmetric_range": "quantizer.symmetric_range", "clip_ratio": "quantizer.clip_ratio",
     "last_layer_bits": "last_layer.bits", "covariance": "last_layer.covariance",
     "n_realizations": "last_layer.n_realizations", "problems": "last_layer.problems",
     "all_layers_bits": "all_layers.bits", "all_layers_n": "all_layers.n",
@@ -179,6 +180,8 @@ class ExperimentConfig:
     clipping: str = "max"
     rounding: str = "nearest"
     granularity: tuple[str, ...] = ("tensor", "channel")
+    symmetric_range: str = "narrow"
+    clip_ratio: float = 1.0
     last_layer_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     covariance: str = "class"
     n_realizations: int = 400
@@ -222,6 +225,15 @@ class ExperimentConfig:
         _check_choice(k["scheme"], self.scheme, _SCHEMES)
         _check_choice(k["clipping"], self.clipping, _CLIPPINGS)
         _check_choice(k["rounding"], self.rounding, _ROUNDINGS)
+        from distortion.quantize import UniformQuantizer
+
+        try:  # the quantizer's own checks (range of clip_ratio, full range needs symmetric)
+            UniformQuantizer(
+                8, scheme=self.scheme, clipping=self.clipping,
+                symmetric_range=self.symmetric_range, clip_ratio=self.clip_ratio,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ValueError(f"[quantizer] symmetric_range / clip_ratio: {exc}") from None
         gran = (self.granularity,) if isinstance(self.granularity, str) else self.granularity
         gran = _check_list(k["granularity"], gran, '["tensor", "channel"]')
         for g in gran:
@@ -320,7 +332,9 @@ class ExperimentConfig:
         from distortion.experiments.compare import quantizer_grid
 
         return quantizer_grid(bits, granularity=self.granularity, scheme=self.scheme,
-                              clipping=self.clipping, rounding=self.rounding)  # fmt: skip
+                              clipping=self.clipping, rounding=self.rounding,
+                              symmetric_range=self.symmetric_range,
+                              clip_ratio=self.clip_ratio)  # fmt: skip
 
     def hypothesis_quantizers(self) -> dict[str, Any]:
         """The quantizers whose error the hypothesis stage tests: this experiment's scheme,
@@ -329,7 +343,9 @@ class ExperimentConfig:
 
         return {
             f"per_{g}": UniformQuantizer(8, scheme=self.scheme, granularity=g,
-                                         clipping=self.clipping, rounding=self.rounding)
+                                         clipping=self.clipping, rounding=self.rounding,
+                                         symmetric_range=self.symmetric_range,
+                                         clip_ratio=self.clip_ratio)
             for g in self.granularity
         }  # fmt: skip
 
