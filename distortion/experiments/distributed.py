@@ -780,6 +780,7 @@ def sharded_gradient_grams(
     from distortion.experiments._torch_state import evaluated_on
     from distortion.experiments.sensitivity import (
         _grams_key,
+        _output_fingerprint,
         gradient_grams,
         load_grams,
         resolve_quantizable,
@@ -798,14 +799,16 @@ def sharded_gradient_grams(
     with evaluated_on(model, dev) as d:
         x, _ = next(iter(dataset.batches(2)))
         names = resolve_quantizable(model, layers, x.to(d))
+        outputs = _output_fingerprint(model, x, d)
     if batch_size is None:
         batch_size = _grams_batch_size(
             model, dataset, names, granularity, memory_mb, dev, competitors
         )
     truncate = None if competitors is None else (int(competitors), int(tail_probes))
     key = _grams_key(
-        model, dataset.fingerprint, names, granularity, int(n_realizations), int(seed), truncate
-    )
+        model, dataset.fingerprint, names, granularity, int(n_realizations), int(seed), truncate,
+        outputs=outputs,
+    )  # fmt: skip
     merged_file = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
     opts = {"layers": names, "granularity": granularity, "n_realizations": int(n_realizations),
             "seed": int(seed), "batch_size": int(batch_size)}  # fmt: skip

@@ -652,8 +652,9 @@ def gradient_grams(
         first_x, _ = next(iter(_batches(data, 2)))
         names = resolve_quantizable(model, layers, first_x.to(dev))
         key = _grams_key(
-            model, data_fp, names, granularity, int(n_realizations), int(seed), truncate
-        )
+            model, data_fp, names, granularity, int(n_realizations), int(seed), truncate,
+            outputs=_output_fingerprint(model, first_x, dev),
+        )  # fmt: skip
         path = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
         # a missing, unreadable, garbled or stale file: a CacheWarning, then recomputed
         if cache:
@@ -688,6 +689,23 @@ def _replace_meta(grams: GradientGrams, meta: dict[str, Any]) -> GradientGrams:
     return replace(grams, meta=meta)
 
 
+def _output_fingerprint(model: nn.Module, x: Any, device: Any) -> str:
+    """sha256 of the output shape and the float logits (5 decimals) on the first samples."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    with torch.no_grad():
+        z = model(x)
+    if not isinstance(z, torch.Tensor):
+        raise ValueError(
+            f"the model returns a {type(z).__name__}, not a tensor of logits (B, K); wrap a "
+            "multi-head network with distortion.experiments.heads.SelectOutput(model, head=...)"
+        )
+    a = np.round(z.detach().to(torch.float64).cpu().numpy(), 5) + 0.0  # no -0.0
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
 def _grams_key(
     model: nn.Module,
     data_fp: str,
@@ -696,6 +714,8 @@ def _grams_key(
     r: int,
     seed: int,
     truncate: tuple[int, int] | None = None,
+    *,
+    outputs: str | None = None,
 ) -> str:
     payload = {
         "cache": "grams",
@@ -708,6 +728,10 @@ def _grams_key(
         "seed": seed if r else None,
         "dtype": str(next(model.parameters()).dtype),
     }
+    if outputs is not None:
+        # what the network computes, not only its weights: two heads of one network (or
+        # one network behind two wrappers) share the state dict but not the logits
+        payload["outputs"] = outputs
     if truncate is not None:  # absent for full Grams: their keys do not change
         payload["competitors"] = truncate[0]
         payload["tail_probes"] = truncate[1]
