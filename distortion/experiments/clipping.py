@@ -28,7 +28,6 @@ numpy at import; torch where models run.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -39,7 +38,7 @@ import pandas as pd
 
 from distortion.experiments.compare import Comparison
 from distortion.experiments.compare_compression import CompressionCell
-from distortion.results import Prediction, check_confidence_level, resolution_tolerance
+from distortion.results import Prediction, resolution_tolerance
 
 __all__ = [
     "CLIPPING_COLUMNS",
@@ -127,15 +126,6 @@ def clipping_error_models(quantizer: Any, weights: dict[str, Any]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- level 3C
-def _kappa(grams: Any, variances: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-layer scale of the cached unit-variance draws to the noise variances (eq. L12)."""
-    kappa = np.empty(grams.n_layers)
-    for i, (a, prof) in enumerate(zip(variances, grams.projection_scales, strict=True)):
-        a = np.asarray(a, dtype=np.float64)
-        kappa[i] = math.sqrt(float(np.mean(a * np.ones_like(prof))) / float(np.mean(prof**2)))
-    return kappa
-
-
 def shifted_distortion(
     grams: Any,
     variances: Sequence[Any],
@@ -182,60 +172,15 @@ def shifted_distortion(
     A zero shift gives level 3L (:func:`~distortion.theory.multilayer.multilayer_distortion`)
     up to its integration error.
     """
-    from distortion.theory._bands import order_statistic_band
-    from distortion.theory.multilayer import margin_statistics, noise_covariance, orthant_flip
+    from dataclasses import replace
 
-    coverage = check_confidence_level(coverage, "coverage")
-    n, k = grams.n_samples, grams.n_classes
-    s = np.asarray(shift, dtype=np.float64)
-    if s.shape != (n, k):
-        raise ValueError(f"shift must have shape (N, K) = {(n, k)}, got {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("shift must be finite; found NaN or inf")
-    cov = noise_covariance(grams, variances)  # (eq. L4), validates the variances
-    z = grams.logits + s
-    pred = grams.predictions()
-    ms = margin_statistics(z, cov, pred)
-    res = orthant_flip(ms.margins, ms.covariance, method=method, n_rotations=n_rotations,
-                       seed=seed)  # fmt: skip
-    flip_p = res.leave
-    y = grams.labels
-    acc_f = acc_q = float("nan")
-    if y is not None:
-        correct_p = 1.0 - flip_p
-        wrong = np.flatnonzero(y != pred)
-        if wrong.size:
-            mw = margin_statistics(z[wrong], cov[wrong], y[wrong])
-            rw = orthant_flip(mw.margins, mw.covariance, method=method,
-                              n_rotations=n_rotations, seed=seed)  # fmt: skip
-            correct_p[wrong] = rw.stay
-        acc_f = float(np.mean(pred == y))
-        acc_q = float(np.mean(correct_p))
-    fband = lband = (float("nan"), float("nan"))
-    if band:
-        if grams.projections is None:
-            raise ValueError(
-                "band=True needs cached error realizations; recompute the Grams with "
-                "n_realizations > 0 or pass band=False"
-            )
-        v = [np.zeros(()) if a is None else np.asarray(a, dtype=np.float64) for a in variances]
-        kappa = _kappa(grams, v)
-        pr = grams.projections  # (N, L, R, K)
-        n_, L, R, _ = pr.shape
-        dz = (kappa.astype(pr.dtype) @ pr.reshape(n, L, R * k)).reshape(n, R, k)  # (eq. L12)
-        pq = np.argmax(z[:, None, :] + dz, axis=2)  # (N, R): shift + one noise realization
-        flips = np.sum(pq != pred[:, None], axis=0)
-        fband = order_statistic_band(flips, n, coverage)
-        if y is not None:
-            correct = np.sum(pq == y[:, None], axis=0)
-            lo, hi = order_statistic_band(correct, n, coverage)
-            lband = (acc_f - hi, acc_f - lo)
-    return Prediction(
-        level="3C", flip_rate=float(np.mean(flip_p)),
-        flip_rate_stderr=float(np.sqrt(np.sum(res.stderr**2))) / n, flip_rate_band=fband,
-        accuracy_loss=acc_f - acc_q, accuracy_loss_band=lband, accuracy_float=acc_f,
-        accuracy_compressed=acc_q, n_samples=n, coverage=coverage, method=f"{method}+shift",
+    from distortion.theory.multilayer import multilayer_distortion
+
+    r = multilayer_distortion(
+        grams, variances, method=method, n_rotations=n_rotations, seed=seed, band=band,
+        coverage=coverage, shift=shift,
     )  # fmt: skip
+    return replace(r.to_prediction(), level="3C", method=f"{method}+shift")
 
 
 # ----------------------------------------------------------------------------- the cells

@@ -765,6 +765,7 @@ def _compute_grams(
     n_keep = k if truncate is None else min(truncate[0] + 1, k)
     n_probes = 0 if truncate is None or n_keep == k else truncate[1]
     sample_ids = _sample_ids(data, n_total)
+    size_of = dict(zip(names, sizes, strict=True))
     if batch_size is None:
         per_sample = 4.0 * n_keep * sum(sizes) * (2.0 if granularity == "channel" else 1.5)
         batch_size = int(max(1, min(256, memory_mb * 2**20 // max(per_sample, 1.0))))
@@ -889,7 +890,9 @@ def _compute_grams(
                         if probe is None:
                             jac[n][:, c, off : off + j.shape[1]] += j
                         else:
-                            acc = probe.setdefault(n, j.new_zeros((bsz, sizes[names.index(n)])))
+                            acc = probe.get(n)
+                            if acc is None:  # one buffer per layer, not one per use
+                                acc = probe[n] = j.new_zeros((bsz, size_of[n]))
                             acc[:, off : off + j.shape[1]] += j
                     if probe is not None:
                         for n, acc in probe.items():

@@ -1036,16 +1036,19 @@ def _order_band(counts: np.ndarray | None, n: int, coverage: float) -> Band:
     return order_statistic_band(counts, n, coverage)
 
 
-def _simulate(grams: GradientGrams, v: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Flip and correct counts of the cached realizations, scaled to the variances (eq. L12)."""
+def _simulate(
+    grams: GradientGrams, v: list[np.ndarray], shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flip and correct counts of the cached realizations, scaled to the variances (eq. L12),
+    each realization added to the known logit ``shift`` when one is given."""
     kappa = np.empty(grams.n_layers)
     for i, (a, prof) in enumerate(zip(v, grams.projection_scales, strict=True)):
         kappa[i] = math.sqrt(float(np.mean(a * np.ones_like(prof))) / float(np.mean(prof**2)))
     pr = grams.projections  # (N, L, R, K)
     n, L, R, k = pr.shape
     dz = (kappa.astype(pr.dtype) @ pr.reshape(n, L, R * k)).reshape(n, R, k)  # (eq. L12)
-    zq = grams.logits[:, None, :] + dz
-    pq = np.argmax(zq, axis=2)  # (N, R)
+    z = grams.logits if shift is None else grams.logits + shift
+    pq = np.argmax(z[:, None, :] + dz, axis=2)  # (N, R)
     flips = np.sum(pq != grams.predictions()[:, None], axis=0).astype(np.int64)
     correct = None
     if grams.labels is not None:
@@ -1062,6 +1065,7 @@ def multilayer_distortion(
     seed: int = 0,
     band: bool = True,
     coverage: float = 0.95,
+    shift: np.ndarray | None = None,
 ) -> MultilayerDistortion:
     r"""Predicted flip rate and accuracy of the network with noisy layers (eq. L4-L7).
 
@@ -1082,6 +1086,11 @@ def multilayer_distortion(
         eq. L12); needs ``grams.projections``.
     coverage : float
         Nominal coverage of the bands.
+    shift : array of shape (N, K), optional
+        A known first-order logit perturbation added to the noise (the clipped part of the
+        error, ``theory/error_models.md`` eq. E7): the margins are those of
+        :math:`z + s` (any sign), the decisions compared against are still the float ones,
+        and every cached realization of the band gets the same shift.
 
     Returns
     -------
@@ -1100,10 +1109,19 @@ def multilayer_distortion(
     :math:`z_{y_i} - z_j`, some of them negative.
     """
     coverage = check_confidence_level(coverage, "coverage")
+    z = grams.logits
+    if shift is not None:
+        s = np.asarray(shift, dtype=np.float64)
+        if s.shape != z.shape:
+            raise ValueError(f"shift must have shape (N, K) = {z.shape}, got {s.shape}")
+        if not np.all(np.isfinite(s)):
+            raise ValueError("shift must be finite; found NaN or inf")
+        shift = s
+        z = z + s
     v = _check_variances(grams, variances)
     cov = _noise_covariance(grams, v)
     pred = grams.predictions()
-    ms = margin_statistics(grams.logits, cov, pred)
+    ms = margin_statistics(z, cov, pred)
     res = orthant_flip(ms.margins, ms.covariance, method=method, n_rotations=n_rotations, seed=seed)
     flip_p = res.leave
     y = grams.labels
@@ -1115,7 +1133,7 @@ def multilayer_distortion(
         correct_p[y < 0] = 0.0
         wrong = np.flatnonzero((y != pred) & (y >= 0))
         if wrong.size:
-            mw = margin_statistics(grams.logits[wrong], cov[wrong], y[wrong])
+            mw = margin_statistics(z[wrong], cov[wrong], y[wrong])
             rw = orthant_flip(
                 mw.margins, mw.covariance, method=method, n_rotations=n_rotations, seed=seed
             )
@@ -1129,7 +1147,7 @@ def multilayer_distortion(
                 "band=True needs cached error realizations; recompute the cache with "
                 "n_realizations > 0 or pass band=False"
             )
-        flips, correct = _simulate(grams, v)
+        flips, correct = _simulate(grams, v, shift)
     n = grams.n_samples
     bound = 0.0
     if grams.truncation is not None:
