@@ -734,6 +734,7 @@ class AccuracyLossEstimator:
         *,
         quantizer: UniformQuantizer | None = None,
         band: bool = True,
+        activations: Any = None,
     ) -> MultilayerDistortion:
         """Closed-form prediction for one bit allocation (layers absent stay in float).
 
@@ -744,6 +745,10 @@ class AccuracyLossEstimator:
             Scheme, granularity, clipping and rounding (its bits are ignored).
         band : bool
             Also the band of one realization (needs cached realizations).
+        activations : ActivationGrams, optional
+            Quantized activations too (W+A): their covariance and clipping shift
+            (:func:`distortion.experiments.activation_grams.activation_grams` on the same
+            samples), added at first order (``theory/activations.md`` eq. A12-A13).
 
         Returns
         -------
@@ -752,6 +757,7 @@ class AccuracyLossEstimator:
         self._check_fitted(multilayer=True)
         q = self._quantizer(quantizer)
         bits = self._allocation_bits(allocation)
+        cov, shift = self._activation_terms(activations)
         return multilayer_distortion(
             self.grams_,
             self._variances(bits, q),
@@ -760,13 +766,36 @@ class AccuracyLossEstimator:
             seed=self.seed,
             band=band and self.grams_.projections is not None,
             coverage=self.coverage,
+            shift=shift,
+            activation_covariance=cov,
         )
+
+    def _activation_terms(self, activations: Any) -> tuple[Any, Any]:
+        """Covariance (N, K, K) and shift (N, K) of ``activations``, checked against the
+        fitted Grams' samples (None, None without activations)."""
+        if activations is None:
+            return None, None
+        if not all(hasattr(activations, a) for a in ("covariance", "shift", "logits")):
+            raise ValueError(
+                "activations must be an ActivationGrams (distortion.experiments."
+                f"activation_grams.activation_grams), got {type(activations).__name__}"
+            )
+        z = self.grams_.logits
+        za = np.asarray(activations.logits)
+        if za.shape != z.shape or not np.allclose(za, z, rtol=1e-4, atol=1e-4):
+            raise ValueError(
+                "the activation Grams were computed on other samples (or another model) than "
+                f"the fitted Grams (logits {za.shape} vs {z.shape}); compute both on the same "
+                "images in the same order"
+            )
+        return activations.covariance(), activations.shift()
 
     def predict(
         self,
         bits: Iterable[int] | int = range(1, 9),
         *,
         quantizer: UniformQuantizer | None = None,
+        activations: Any = None,
     ) -> AccuracyLossPrediction:
         """Predicted flip rate and accuracy loss with every fitted layer at each bit-width.
 
@@ -776,6 +805,9 @@ class AccuracyLossEstimator:
             Bit-widths, 1..16.
         quantizer : UniformQuantizer, optional
             Default: the constructor's (its ``bits`` replaced by each bit-width).
+        activations : ActivationGrams, optional
+            Quantized activations as well, at every bit-width of the weights (all-layer
+            fits only; see :meth:`predict_allocation`).
 
         Returns
         -------
@@ -784,7 +816,11 @@ class AccuracyLossEstimator:
         self._check_fitted()
         b_arr = _check_bits_list(bits)
         q = self._quantizer(quantizer)
-        rows = [self._predict_one(int(b), q) | self._hu_check(int(b), q) for b in b_arr]
+        if activations is not None and self.level_ != "3L":
+            raise ValueError("activations need an all-layer fit (fit_model or fit_grams)")
+        rows = [
+            self._predict_one(int(b), q, activations) | self._hu_check(int(b), q) for b in b_arr
+        ]
         cols = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         acc_f = float(cols.pop("accuracy_float")[0])
         return AccuracyLossPrediction(
@@ -802,9 +838,13 @@ class AccuracyLossEstimator:
     def _n_samples(self) -> int:
         return self.grams_.n_samples if self.level_ == "3L" else self.features_.shape[0]
 
-    def _predict_one(self, b: int, q: UniformQuantizer) -> dict[str, float]:
+    def _predict_one(
+        self, b: int, q: UniformQuantizer, activations: Any = None
+    ) -> dict[str, float]:
         if self.level_ == "3L":
-            r = self.predict_allocation(dict.fromkeys(self.grams_.layer_names, b), quantizer=q)
+            r = self.predict_allocation(
+                dict.fromkeys(self.grams_.layer_names, b), quantizer=q, activations=activations
+            )
             fb, lb = r.flip_band(), r.accuracy_loss_band()
             return {
                 "flip_rate": r.flip_rate, "flip_rate_stderr": r.flip_rate_stderr,

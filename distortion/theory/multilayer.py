@@ -1037,10 +1037,16 @@ def _order_band(counts: np.ndarray | None, n: int, coverage: float) -> Band:
 
 
 def _simulate(
-    grams: GradientGrams, v: list[np.ndarray], shift: np.ndarray | None = None
+    grams: GradientGrams,
+    v: list[np.ndarray],
+    shift: np.ndarray | None = None,
+    fresh: np.ndarray | None = None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Flip and correct counts of the cached realizations, scaled to the variances (eq. L12),
-    each realization added to the known logit ``shift`` when one is given."""
+    each realization added to the known logit ``shift`` when one is given, and, with
+    ``fresh`` (N, K, K), to a noise redrawn for every sample and realization with that
+    covariance (activation errors, ``theory/activations.md`` eq. A13)."""
     kappa = np.empty(grams.n_layers)
     for i, (a, prof) in enumerate(zip(v, grams.projection_scales, strict=True)):
         kappa[i] = math.sqrt(float(np.mean(a * np.ones_like(prof))) / float(np.mean(prof**2)))
@@ -1048,6 +1054,10 @@ def _simulate(
     n, L, R, k = pr.shape
     dz = (kappa.astype(pr.dtype) @ pr.reshape(n, L, R * k)).reshape(n, R, k)  # (eq. L12)
     z = grams.logits if shift is None else grams.logits + shift
+    if fresh is not None:  # one independent draw per sample and realization (eq. A13)
+        rng = np.random.default_rng([int(seed), 5813])
+        xi = rng.standard_normal((n, k, R))
+        dz = dz + np.matmul(_factor(fresh), xi).transpose(0, 2, 1).astype(dz.dtype)
     pq = np.argmax(z[:, None, :] + dz, axis=2)  # (N, R)
     flips = np.sum(pq != grams.predictions()[:, None], axis=0).astype(np.int64)
     correct = None
@@ -1066,6 +1076,7 @@ def multilayer_distortion(
     band: bool = True,
     coverage: float = 0.95,
     shift: np.ndarray | None = None,
+    activation_covariance: np.ndarray | None = None,
 ) -> MultilayerDistortion:
     r"""Predicted flip rate and accuracy of the network with noisy layers (eq. L4-L7).
 
@@ -1091,6 +1102,11 @@ def multilayer_distortion(
         error, ``theory/error_models.md`` eq. E7): the margins are those of
         :math:`z + s` (any sign), the decisions compared against are still the float ones,
         and every cached realization of the band gets the same shift.
+    activation_covariance : array of shape (N, K, K), optional
+        Covariance of an error redrawn for every sample (quantized activations,
+        :meth:`distortion.experiments.activation_grams.ActivationGrams.covariance`, eq. A11
+        of ``theory/activations.md``): added to the weights' covariance (eq. A12), and, in
+        the band, drawn afresh for every sample of every realization (eq. A13).
 
     Returns
     -------
@@ -1120,6 +1136,17 @@ def multilayer_distortion(
         z = z + s
     v = _check_variances(grams, variances)
     cov = _noise_covariance(grams, v)
+    fresh = None
+    if activation_covariance is not None:
+        fresh = np.asarray(activation_covariance, dtype=np.float64)
+        if fresh.shape != cov.shape:
+            raise ValueError(
+                f"activation_covariance must have shape (N, K, K) = {cov.shape} (the same "
+                f"samples and classes as the Grams), got {fresh.shape}"
+            )
+        if not np.all(np.isfinite(fresh)):
+            raise ValueError("activation_covariance must be finite; found NaN or inf")
+        cov = cov + fresh  # (eq. A12)
     pred = grams.predictions()
     ms = margin_statistics(z, cov, pred)
     res = orthant_flip(ms.margins, ms.covariance, method=method, n_rotations=n_rotations, seed=seed)
@@ -1147,7 +1174,7 @@ def multilayer_distortion(
                 "band=True needs cached error realizations; recompute the cache with "
                 "n_realizations > 0 or pass band=False"
             )
-        flips, correct = _simulate(grams, v, shift)
+        flips, correct = _simulate(grams, v, shift, fresh, seed)
     n = grams.n_samples
     bound = 0.0
     if grams.truncation is not None:

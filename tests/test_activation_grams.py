@@ -1,0 +1,320 @@
+"""Activation Grams (theory/activations.md eq. A9-A13), the int8 reference and W+A predictions."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from test_multilayer import LAYERS, tiny_data, tiny_net  # noqa: E402
+from torch import nn  # noqa: E402
+
+from distortion.activations import ActivationQParams, ActivationQuantizer  # noqa: E402
+from distortion.estimator import AccuracyLossEstimator  # noqa: E402
+from distortion.experiments.activation_grams import (  # noqa: E402
+    ActivationGrams,
+    activation_grams,
+    int8_reference,
+    measure_quantized,
+    weight_activation_split,
+)
+from distortion.experiments.activations import calibrate_activations  # noqa: E402
+from distortion.experiments.sensitivity import gradient_grams  # noqa: E402
+from distortion.quantize import UniformQuantizer  # noqa: E402
+from distortion.theory.multilayer import multilayer_distortion  # noqa: E402
+
+
+def _cal(net, x, bits=4, granularity="tensor"):
+    return calibrate_activations(
+        net, x, LAYERS, ActivationQuantizer(bits, granularity=granularity), n_images=len(x)
+    )
+
+
+def _reference(net, x, qps):
+    """Naive transcription: g by torch.func.jacrev of the logits w.r.t. an additive
+    perturbation of each layer's input (at 0), then the masked sums of eq. A10 in numpy."""
+    from torch.func import jacrev
+
+    k = net(x[:1]).shape[1]
+    covs, shifts = [], []
+    for i in range(len(x)):
+        xi = x[i : i + 1]
+        acts = {}
+
+        def rec(name, acts=acts):
+            def hook(m, a):
+                acts[name] = a[0].detach()
+
+            return hook
+
+        hs = [net.get_submodule(n).register_forward_pre_hook(rec(n)) for n in LAYERS]
+        net(xi)
+        for h in hs:
+            h.remove()
+
+        def f(*deltas, xi=xi):
+            def add(d):
+                return lambda m, a: (a[0] + d, *a[1:])
+
+            hs = [net.get_submodule(n).register_forward_pre_hook(add(d))
+                  for n, d in zip(LAYERS, deltas, strict=True)]  # fmt: skip
+            try:
+                return net(xi)[0]
+            finally:
+                for h in hs:
+                    h.remove()
+
+        zeros = tuple(torch.zeros_like(acts[n]) for n in LAYERS)
+        jac = jacrev(f, argnums=tuple(range(len(LAYERS))))(*zeros)
+        c_i, s_i = [], []
+        for n, j in zip(LAYERS, jac, strict=True):
+            t = acts[n].numpy()[0]
+            g = j.detach().numpy().reshape(k, *t.shape)
+            qp = qps[n]
+            lo, hi, step = qp.lo, qp.hi, qp.scale
+            if qp.granularity == "channel":
+                shp = (-1,) + (1,) * (t.ndim - 1)
+                lo, hi, step = lo.reshape(shp), hi.reshape(shp), step.reshape(shp)
+            clipped = (t < lo) | (t > hi)
+            w = np.broadcast_to(((t != 0) & ~clipped) * step**2 / 12.0, t.shape).reshape(-1)
+            gf = g.reshape(k, -1)
+            c_i.append((gf * w) @ gf.T)
+            s_i.append(gf @ (np.clip(t, lo, hi) - t).reshape(-1))
+        covs.append(c_i)
+        shifts.append(s_i)
+    return np.array(covs), np.array(shifts)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_activation_grams_match_a_jacrev_reference(granularity, tmp_path):
+    net = tiny_net()
+    x, y = tiny_data(12)
+    cal = _cal(net, tiny_data(6, seed=5)[0], 3, granularity)  # a range that clips some entries
+    ag = activation_grams(net, (x, y), {"a": cal}, cache_dir=tmp_path, progress=False)["a"]
+    ref_c, ref_s = _reference(net, x, cal.qparams)
+    k = ref_c.shape[-1]
+    for p in range(len(LAYERS)):
+        got = ag.covariance([LAYERS[p]])
+        ref = ref_c[:, p]
+        assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()  # float32 storage
+        sh = ag.shift([LAYERS[p]])
+        assert np.abs(sh - ref_s[:, p]).max() <= 1e-6 * max(np.abs(ref_s[:, p]).max(), 1e-12)
+    assert ag.clipped_share.sum() > 0 and ag.zero_share[1:].min() > 0  # after ReLUs
+    assert ag.covariance().shape == (12, k, k) and ag.to_frame().shape[0] == len(LAYERS)
+
+
+def test_covariance_matches_a_monte_carlo_of_small_input_noise():
+    """Uniform noise of the grid's step on the entries of I (eq. A4), scaled down to stay
+    linear: the empirical logit covariance matches eq. A11 within its Monte Carlo error."""
+    net = tiny_net()
+    x, y = tiny_data(3)
+    qps = {n: ActivationQParams(scale=np.float64(1e-3), zero_point=np.int64(0), qmin=-(2**20),
+                                qmax=2**20) for n in LAYERS}  # fmt: skip
+    ag = activation_grams(net, (x, y), {"a": qps}, cache=False, progress=False)["a"]
+    gen = torch.Generator().manual_seed(3)
+    r = 4000
+
+    def noisy(m, a):
+        t = a[0]
+        e = (torch.rand(t.shape, generator=gen, dtype=t.dtype) - 0.5) * 1e-3
+        return (t + e * (t != 0), *a[1:])
+
+    hs = [net.get_submodule(n).register_forward_pre_hook(noisy) for n in LAYERS]
+    try:
+        with torch.no_grad():
+            z0 = net(x)
+            dz = torch.stack([net(x) - z0 for _ in range(r)]).numpy()  # (R, N, K)
+    finally:
+        for h in hs:
+            h.remove()
+    pred = ag.covariance()
+    for i in range(len(x)):
+        emp = np.cov(dz[:, i].T)
+        d = np.sqrt(np.diag(pred[i]))
+        # correlation-scale error of a sample covariance: about 1/sqrt(R) = 0.016
+        assert np.abs((emp - pred[i]) / np.outer(d, d)).max() < 0.08
+
+
+def test_clipping_shift_is_the_first_order_effect_of_clipping():
+    net = tiny_net()
+    x, y = tiny_data(8)
+    # clip each layer's input a little above its 99th percentile (grid step negligible)
+    acts = {}
+    hs = [net.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: acts.__setitem__(n, a[0].detach())) for n in LAYERS]  # fmt: skip
+    net(x)
+    for h in hs:
+        h.remove()
+    qps = {}
+    for n, t in acts.items():
+        hi = float(torch.quantile(t.flatten(), 0.998))
+        lo = float(t.min()) - 1.0
+        s = (hi - lo) / 2**20
+        qps[n] = ActivationQParams(scale=np.float64(s), zero_point=np.int64(round(-lo / s)),
+                                   qmin=0, qmax=2**20)  # fmt: skip
+    ag = activation_grams(net, (x, y), {"a": qps}, cache=False, progress=False)["a"]
+    for n in LAYERS:  # one layer clipped at a time: the exact effect against eq. A10
+        qp = qps[n]
+        h = net.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, qp=qp: (torch.clamp(a[0], float(qp.lo), float(qp.hi)), *a[1:]))
+        with torch.no_grad():
+            zc = net(x).numpy()
+        h.remove()
+        with torch.no_grad():
+            exact = zc - net(x).numpy()
+        first = ag.shift([n])
+        # most samples are exact at first order; a ReLU that switches makes a few differ
+        err = np.linalg.norm(first - exact, axis=1)
+        scale = np.linalg.norm(exact, axis=1)
+        hit = scale > 0
+        rel = err[hit] / scale[hit]
+        assert np.median(rel) < 0.1 and np.min(rel) < 1e-6  # exact where no ReLU switches
+        assert np.linalg.norm(first - exact) <= 0.3 * np.linalg.norm(exact)
+        assert np.all(err[~hit] == 0)
+
+
+def test_several_configurations_share_one_pass_and_the_cache(tmp_path):
+    net = tiny_net()
+    x, y = tiny_data(10)
+    cfgs = {"A8": _cal(net, x, 8), "A4": _cal(net, x, 4)}
+    a = activation_grams(net, (x, y), cfgs, cache_dir=tmp_path, progress=False)
+    assert list(a) == ["A8", "A4"]
+    # minmax ranges: no clipping on the calibration images, covariance scales with step^2
+    ratio = a["A4"].covariance().sum() / a["A8"].covariance().sum()
+    assert 200 < ratio < 330  # (255/15)^2 = 289, up to the per-layer mix of ranges
+    b = activation_grams(net, (x, y), cfgs, cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(a["A4"].covariances, b["A4"].covariances)
+    assert a["A4"].key == b["A4"].key
+    c = activation_grams(net, (x, y), {"A6": _cal(net, x, 6)}, cache_dir=tmp_path,
+                         progress=False)  # fmt: skip
+    assert c["A6"].key.split(":")[0] != a["A4"].key.split(":")[0]
+
+
+def test_w_plus_a_prediction_band_and_split(tmp_path):
+    net = tiny_net()
+    x, y = tiny_data(64)
+    g = gradient_grams(net, (x, y), layers=LAYERS, n_realizations=40, cache_dir=tmp_path,
+                       progress=False)  # fmt: skip
+    ag = activation_grams(net, (x, y), {"A4": _cal(net, x[:32], 4)}, cache_dir=tmp_path,
+                          progress=False)["A4"]  # fmt: skip
+    est = AccuracyLossEstimator(quantizer=UniformQuantizer(4)).fit_grams(g)
+    alloc = dict.fromkeys(LAYERS, 6)
+    w = est.predict_allocation(alloc)
+    wa = est.predict_allocation(alloc, activations=ag)
+    a = est.predict_allocation({}, activations=ag)
+    assert wa.flip_rate >= max(w.flip_rate, a.flip_rate) - 1e-9
+    # the same as the closed form with the covariances added (eq. A12)
+    v = est._variances(np.full(len(LAYERS), 6), est.quantizer)
+    direct = multilayer_distortion(g, v, activation_covariance=ag.covariance(), shift=ag.shift(),
+                                   seed=est.seed)  # fmt: skip
+    assert direct.flip_rate == pytest.approx(wa.flip_rate)
+    np.testing.assert_array_equal(direct.flip_counts, wa.flip_counts)
+    # no activation noise: the weight-only result, bit for bit
+    zero = multilayer_distortion(g, v, activation_covariance=np.zeros_like(ag.covariance()),
+                                 seed=est.seed)  # fmt: skip
+    np.testing.assert_array_equal(zero.flip_counts, w.flip_counts)
+    p = est.predict([4, 8], activations=ag)
+    assert p.to_frame().shape[0] == 2
+    split = weight_activation_split(g, v, ag)
+    parts = split.to_frame()
+    assert set(parts["kind"]) == {"weights", "activations"}
+    assert parts["noise_share"].sum() == pytest.approx(1.0)
+    assert split.flip_low <= split.flip_rate <= split.flip_high + 1e-12
+    assert split.to_dict()["parts"]
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    net = tiny_net()
+    x, y = tiny_data(8)
+    cal = _cal(net, x, 8)
+    with pytest.raises(ValueError, match="where must be"):
+        activation_grams(net, (x, y), {"a": cal}, where="middle", cache=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        activation_grams(net, (x, y), {}, cache=False)
+    with pytest.raises(ValueError, match="same points"):
+        activation_grams(net, (x, y), {"a": cal, "b": {"conv1": cal.qparams["conv1"]}},
+                         cache=False)  # fmt: skip
+    with pytest.raises(ValueError, match="cannot be hooked|no layer|not"):
+        activation_grams(net, (x, y), {"a": {"bn1": cal.qparams["conv1"]}}, cache=False)
+    with pytest.raises(ValueError, match="no submodule"):
+        activation_grams(net, (x, y), {"a": {"nope": cal.qparams["conv1"]}}, where="output",
+                         cache=False)  # fmt: skip
+    g = gradient_grams(net, (x, y), layers=LAYERS, n_realizations=0, cache=False, progress=False)
+    est = AccuracyLossEstimator().fit_grams(g)
+    other = activation_grams(net, tiny_data(8, seed=9), {"a": cal}, cache=False, progress=False)
+    with pytest.raises(ValueError, match="other samples"):
+        est.predict_allocation({}, activations=other["a"], band=False)
+    with pytest.raises(ValueError, match="ActivationGrams"):
+        est.predict_allocation({}, activations=np.zeros(3), band=False)
+    with pytest.raises(ValueError, match="activation_covariance must have shape"):
+        multilayer_distortion(g, [0.0] * 5, activation_covariance=np.zeros((3, 4, 4)), band=False)
+    with pytest.raises(ValueError, match="not a quantized engine"):
+        int8_reference(net, x, "tensorrt")
+    with pytest.raises(ValueError, match="empty"):
+        int8_reference(net, x[:0], "x86")
+    with pytest.raises(ValueError, match="covariances must have shape"):
+        ActivationGrams(point_names=("a",), logits=np.zeros((2, 3)),
+                        covariances=np.zeros((2, 1, 5)), shifts=np.zeros((2, 1, 3)))  # fmt: skip
+
+
+class ResBlockNet(nn.Module):
+    """conv-BN-ReLU, a residual block with an identity shortcut, avg-pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.shortcut = nn.Identity()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)) + self.shortcut(out))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@pytest.fixture
+def keep_engine():
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+def test_int8_reference_points_simulation_and_prediction(keep_engine, tmp_path):
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no x86 engine")
+    torch.manual_seed(0)
+    net = ResBlockNet().eval()
+    x, y = tiny_data(96, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = int8_reference(net, x[:48], "x86")
+        xe, ye = x[48:], y[48:]
+        assert ref.exact_points  # the identity shortcut of a quantized tensor
+        assert set(ref.qparams).isdisjoint(ref.exact_points)
+        assert all(q.qmin == 0 and q.qmax == 127 for q in ref.qparams.values())  # reduce_range
+        assert len(ref.layers) == 3 and ref.to_frame().shape[0] == len(ref.qparams) + len(
+            ref.exact_points
+        )
+        m8 = measure_quantized(ref.fused, (xe, ye), int8_model=ref.int8)
+        sim = measure_quantized(ref.fused, (xe, ye), weights=ref.weight_quantizer,
+                                layers=list(ref.layers), activations=ref.qparams,
+                                where="output")  # fmt: skip
+        with torch.no_grad():
+            z8 = ref.int8(xe)
+            zf = ref.fused(xe)
+        # the int8 model is close to the float one (8-bit grids of a small network)
+        assert float((z8 - zf).norm() / zf.norm()) < 0.1
+        assert 0 <= m8.flip_rate <= 1 and 0 <= sim.flip_rate <= 1
+        ag = activation_grams(ref.fused, (xe, ye), {"int8": ref.qparams}, where="output",
+                              cache_dir=tmp_path, progress=False)["int8"]  # fmt: skip
+        g = gradient_grams(ref.fused, (xe, ye), layers=list(ref.layers), granularity="channel",
+                           n_realizations=10, cache_dir=tmp_path, progress=False)  # fmt: skip
+    assert ag.point_names == tuple(ref.qparams)
+    est = AccuracyLossEstimator(quantizer=ref.weight_quantizer).fit_grams(g)
+    r = est.predict_allocation(dict.fromkeys(g.layer_names, 8), activations=ag)
+    assert 0 <= r.flip_rate <= 1 and r.flip_counts is not None
