@@ -80,8 +80,10 @@ def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool) -> pd.Da
     t0 = time.perf_counter()
     ref = int8_reference(model, cal, "x86")
     m8 = measure_quantized(ref.fused, ev, int8_model=ref.int8, config="int8 x86")
-    sim = measure_quantized(ref.fused, ev, weights=ref.weight_quantizer, layers=list(ref.layers),
-                            activations=ref.qparams, where="output", config="simulated")  # fmt: skip
+    sim = measure_quantized(
+        ref.fused, ev, weights=ref.weight_quantizer, layers=list(ref.layers),
+        activations=ref.qparams, where="output", config="simulated",
+    )  # fmt: skip
     tw = time.perf_counter()
     wg = gradient_grams(ref.fused, ev, layers=list(ref.layers), granularity="channel",
                         cache_dir=cache_dir, progress=progress)  # fmt: skip
@@ -113,6 +115,13 @@ def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool) -> pd.Da
                      "weights_alone": split.weights_flip_rate,
                      "activations_alone": split.activations_flip_rate}))  # fmt: skip
     (out / f"activations_split_{name}.json").write_text(json.dumps(split.to_dict(), indent=1))
+    import matplotlib
+
+    matplotlib.use("agg")
+    from distortion.plotting.activations import plot_weight_activation_split
+
+    ax = plot_weight_activation_split(split)
+    ax.figure.savefig(out / f"activations_split_{name}.pdf", bbox_inches="tight")
     print(f"({time.perf_counter() - t0:.0f} s)")
     # -- 2. the simulated W+A grid -------------------------------------------------------
     t0 = time.perf_counter()
@@ -151,13 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     cal, ev = split_images(args.n)
+    from distortion.experiments.activation_grams import check_disjoint
+
+    check_disjoint(cal, ev)  # calibration and evaluation images never overlap
     args.out.mkdir(parents=True, exist_ok=True)
     frames = [run_model(m, cal, ev, args.out, args.cache_dir, args.progress) for m in args.models]
     t = pd.concat(frames)
     small = t[t["measured_flip_rate"] <= 0.20]
+    miss = small.loc[~small["in_band"]]
+    names = ", ".join(miss["model"] + " " + miss["cell"]) or "none"
     print(f"\nband coverage over the {len(small)} cells with measured flip rate <= 20 %: "
-          f"{small['in_band'].mean():.3f}; misses: "
-          f"{', '.join(small.loc[~small['in_band'], 'model'] + ' ' + small.loc[~small['in_band'], 'cell']) or 'none'}")
+          f"{small['in_band'].mean():.3f}; misses: {names}")
     return 0
 
 

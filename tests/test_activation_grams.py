@@ -16,6 +16,7 @@ from distortion.estimator import AccuracyLossEstimator  # noqa: E402
 from distortion.experiments.activation_grams import (  # noqa: E402
     ActivationGrams,
     activation_grams,
+    check_disjoint,
     int8_reference,
     measure_quantized,
     weight_activation_split,
@@ -223,6 +224,15 @@ def test_w_plus_a_prediction_band_and_split(tmp_path):
     assert parts["noise_share"].sum() == pytest.approx(1.0)
     assert split.flip_low <= split.flip_rate <= split.flip_high + 1e-12
     assert split.to_dict()["parts"]
+    import matplotlib
+
+    matplotlib.use("agg")
+    from distortion.plotting.activations import plot_weight_activation_split
+
+    ax = plot_weight_activation_split(split, top=4)
+    assert len(ax.patches) == 5  # the 4 largest parts and "others"
+    with pytest.raises(ValueError, match="top must be"):
+        plot_weight_activation_split(split, top=0)
 
 
 def test_bad_input_gets_a_clear_error(tmp_path):
@@ -254,6 +264,11 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         int8_reference(net, x, "tensorrt")
     with pytest.raises(ValueError, match="empty"):
         int8_reference(net, x[:0], "x86")
+    check_disjoint(x[:4], (x[4:], y[4:]))
+    with pytest.raises(ValueError, match="2 of the 4 calibration images are also evaluation"):
+        check_disjoint(x[:4], (x[2:], y[2:]))
+    with pytest.raises(ValueError, match="empty"):
+        check_disjoint(x[:0], (x, y))
     with pytest.raises(ValueError, match="covariances must have shape"):
         ActivationGrams(point_names=("a",), logits=np.zeros((2, 3)),
                         covariances=np.zeros((2, 1, 5)), shifts=np.zeros((2, 1, 3)))  # fmt: skip

@@ -49,6 +49,7 @@ __all__ = [
     "ActivationGrams",
     "Int8Reference",
     "activation_grams",
+    "check_disjoint",
     "int8_reference",
     "QuantizedMeasurement",
     "WeightActivationSplit",
@@ -1032,3 +1033,35 @@ def weight_activation_split(
         activations_flip_rate=a_only.flip_rate,
         parts=parts,
     )
+
+
+def check_disjoint(calibration: Any, evaluation: Any, *, batch_size: int = 500) -> None:
+    """Raise a ValueError when an image of ``calibration`` is also in ``evaluation``.
+
+    Images are compared by content (sha256 of each preprocessed image), so two subsets of one
+    dataset, or the same images loaded twice, are caught. Pass the calibration set given to
+    :func:`int8_reference` or :func:`~distortion.experiments.activations.calibrate_activations`
+    and the images the result will be measured on.
+    """
+    import hashlib
+
+    from distortion.experiments.sensitivity import _batches
+
+    def digests(data: Any) -> list[str]:
+        out = []
+        for x, _ in _batches(data, batch_size):
+            a = x.detach().to("cpu").numpy()
+            out.extend(hashlib.sha256(np.ascontiguousarray(r).tobytes()).hexdigest() for r in a)
+        return out
+
+    cal = digests(calibration)
+    if not cal:
+        raise ValueError("the calibration set is empty: pass at least one image")
+    ev = set(digests(evaluation))
+    both = [i for i, d in enumerate(cal) if d in ev]
+    if both:
+        raise ValueError(
+            f"{len(both)} of the {len(cal)} calibration images are also evaluation images "
+            f"(calibration positions {both[:5]}{'...' if len(both) > 5 else ''}); calibrate on "
+            "images you do not measure on (e.g. the fit half of the split)"
+        )
