@@ -333,3 +333,36 @@ def test_int8_reference_points_simulation_and_prediction(keep_engine, tmp_path):
     est = AccuracyLossEstimator(quantizer=ref.weight_quantizer).fit_grams(g)
     r = est.predict_allocation(dict.fromkeys(g.layer_names, 8), activations=ag)
     assert 0 <= r.flip_rate <= 1 and r.flip_counts is not None
+
+
+def test_w_plus_a_band_covers_fresh_realizations_at_its_nominal_level(tmp_path):
+    """200 realizations of the first-order model drawn apart from the band's 40 (weights:
+    other cached uniform draws; activations: an independent generator, one draw per sample):
+    the 95 % band of one realization (eq. A13) holds about 95 % of their flip counts."""
+    from dataclasses import replace
+
+    from distortion.theory.multilayer import _factor
+
+    net = tiny_net()
+    x, y = tiny_data(200)
+    g = gradient_grams(net, (x, y), layers=LAYERS, n_realizations=240, cache_dir=tmp_path,
+                       progress=False)  # fmt: skip
+    ag = activation_grams(net, (x, y), {"A4": _cal(net, x[:50], 4)}, cache_dir=tmp_path,
+                          progress=False)["A4"]  # fmt: skip
+    v = [float(np.mean(np.asarray(w) ** 2)) * 1e-3 for w in g.weights]
+    band_g = replace(g, projections=g.projections[:, :, :40])
+    cov = ag.covariance()
+    r = multilayer_distortion(band_g, v, activation_covariance=cov, shift=ag.shift(), seed=7)
+    b = r.flip_band()
+    kappa = np.sqrt(np.asarray(v))  # per-tensor profiles are ones: eq. L12 scaling
+    pr = g.projections[:, :, 40:]  # (N, L, 200, K)
+    dz = np.einsum("l,nlrk->nrk", kappa, pr)
+    rng = np.random.default_rng(12345)
+    xi = rng.standard_normal((len(x), cov.shape[1], pr.shape[2]))
+    dz = dz + np.matmul(_factor(cov), xi).transpose(0, 2, 1)
+    z = g.logits + ag.shift()
+    flips = np.mean(np.argmax(z[:, None, :] + dz, axis=2) != g.predictions()[:, None], axis=0)
+    inside = np.mean((flips >= b.low) & (flips <= b.high))
+    assert flips.mean() > 0.02  # the test has flips to count
+    print(f"coverage {inside:.3f}, mean flip rate {flips.mean():.3f}, band {b.low:.3f}-{b.high:.3f}")
+    assert 0.90 <= inside <= 0.995, inside
