@@ -73,6 +73,7 @@ def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool) -> pd.Da
     from distortion.experiments.models import load_model
     from distortion.experiments.sensitivity import gradient_grams
     from distortion.quantize import UniformQuantizer
+    from distortion.theory.multilayer import multilayer_distortion
 
     rows = []
     model = load_model(name)
@@ -143,7 +144,14 @@ def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool) -> pd.Da
                                      activations=cfgs[c].qparams, where="input")  # fmt: skip
             p = est2.predict_allocation(dict.fromkeys(wg2.layer_names, wb), quantizer=wq,
                                         activations=ags[c])  # fmt: skip
-            rows.append(_row(name, f"W{wb}A{ab} {gran}", meas, p))
+            # level 2 for the activations: their actual error, linearized (eq. A14)
+            v2 = est2._variances(np.full(wg2.n_layers, wb), wq)
+            p2 = multilayer_distortion(wg2, v2, shift=ags[c].actual_shift(), seed=est2.seed)
+            b2 = p2.flip_band()
+            rows.append(_row(name, f"W{wb}A{ab} {gran}", meas, p, {
+                "L2A_flip_rate": p2.flip_rate, "L2A_low": b2.low, "L2A_high": b2.high,
+                "L2A_in_band": bool(b2.low <= meas.flip_rate <= b2.high),
+            }))  # fmt: skip
     print(f"\n== {name}: simulated W+A grid ({time.perf_counter() - t0:.0f} s)")
     t = pd.DataFrame(rows)
     print(t.to_string(index=False, float_format=lambda x: f"{x:.4f}"))

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 Where = Literal["input", "output"]
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,6 +80,10 @@ class ActivationGrams:
     shifts : array of shape (N, P, K), float32
         :math:`s_p(x_i)`, the first-order logit shift of the clipped entries (eq. A10).
     labels : array of shape (N,) or None
+    actual_shifts : array of shape (N, P, K), float32, or None
+        :math:`\sum_e g_{\cdot e}(x_i)\,(Q(t_e) - t_e)`: the actual rounding and clipping
+        error of the float network's activations, linearized (level 2 for activations,
+        eq. A14).
     zero_share, clipped_share : array of shape (P,)
         Share of the evaluation entries of each point that are exactly 0 (no error) and
         beyond the outer levels (clipped), :math:`\hat\pi_0` and :math:`\hat\pi_c` of eq. A7.
@@ -96,6 +100,7 @@ class ActivationGrams:
     covariances: np.ndarray = field(repr=False)  # (N, P, K(K+1)/2)
     shifts: np.ndarray = field(repr=False)  # (N, P, K)
     labels: np.ndarray | None = field(default=None, repr=False)  # (N,)
+    actual_shifts: np.ndarray | None = field(default=None, repr=False)  # (N, P, K)
     zero_share: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # (P,)
     clipped_share: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # (P,)
     config: str = ""
@@ -121,6 +126,11 @@ class ActivationGrams:
             raise ValueError(f"shifts must have shape {(n, p, k)}, got {sh.shape}")
         if not (np.all(np.isfinite(cov)) and np.all(np.isfinite(sh))):
             raise ValueError("covariances and shifts must be finite; found NaN or inf")
+        if self.actual_shifts is not None:
+            a2 = np.asarray(self.actual_shifts, dtype=np.float32)
+            if a2.shape != (n, p, k) or not np.all(np.isfinite(a2)):
+                raise ValueError(f"actual_shifts must be finite of shape {(n, p, k)}")
+            object.__setattr__(self, "actual_shifts", a2)
         for name in ("zero_share", "clipped_share"):
             a = np.asarray(getattr(self, name), dtype=np.float64)
             if a.size == 0:
@@ -176,6 +186,13 @@ class ActivationGrams:
     def shift(self, points: Sequence[str] | None = None) -> np.ndarray:
         r""":math:`\sum_p s_p(x_i)` over ``points`` (default all), shape (N, K), eq. A10."""
         return self.shifts[:, self._points(points)].astype(np.float64).sum(axis=1)
+
+    def actual_shift(self, points: Sequence[str] | None = None) -> np.ndarray:
+        r"""The actual activation error of the float network, linearized (eq. A14), summed
+        over ``points`` (default all), shape (N, K): level 2 for activations."""
+        if self.actual_shifts is None:
+            raise ValueError("these activation Grams hold no actual shifts; recompute them")
+        return self.actual_shifts[:, self._points(points)].astype(np.float64).sum(axis=1)
 
     def variance_share(self) -> np.ndarray:
         """Share of each point in the total logit noise energy (trace of C_p summed over
@@ -299,7 +316,9 @@ def _entry_terms(t: Any, g: Any, qp: ActivationQParams, dtype: Any):
     gram = torch.bmm(gf * w.to(dtype), gf.transpose(1, 2))  # (eq. A10)
     err = (torch.clamp(t, lo, hi) - t).reshape(b, -1, 1).to(dtype)
     shift = torch.bmm(gf, err).squeeze(2)  # (eq. A10)
-    return gram, shift, int((t == 0).sum()), int(clipped.sum()), t.numel()
+    actual = (fake_quantize(t, qp) - t).reshape(b, -1, 1).to(dtype)
+    level2 = torch.bmm(gf, actual).squeeze(2)  # the actual error, linearized (eq. A14)
+    return gram, shift, level2, int((t == 0).sum()), int(clipped.sum()), t.numel()
 
 
 def activation_grams(
@@ -432,6 +451,7 @@ def _compute(
             handles.append(m.register_forward_hook(post_hook(p)))
     t0 = time.perf_counter()
     out_z, out_cov, out_shift = [], {c: [] for c in cfgs}, {c: [] for c in cfgs}
+    out_actual: dict[str, list] = {c: [] for c in cfgs}
     zeros = {c: 0.0 for c in cfgs}
     clipped = {c: 0.0 for c in cfgs}
     counts: Any = 0.0
@@ -484,17 +504,20 @@ def _compute(
             for cname, qps in cfgs.items():
                 cov = torch.empty((b, len(names), k * (k + 1) // 2), dtype=torch.float32)
                 shf = torch.empty((b, len(names), k), dtype=torch.float32)
+                act = torch.empty((b, len(names), k), dtype=torch.float32)
                 zc = np.zeros(len(names))
                 cc = np.zeros(len(names))
                 for i, (pname, t) in enumerate(captured):
-                    gram, sh, nz, ncl, _ = _entry_terms(
+                    gram, sh, l2, nz, ncl, _ = _entry_terms(
                         t.detach(), gstack[i], qps[pname.split("#")[0]], torch.float64
                     )
                     cov[:, i] = gram[:, iu[0], iu[1]].to(torch.float32).cpu()
                     shf[:, i] = sh.to(torch.float32).cpu()
+                    act[:, i] = l2.to(torch.float32).cpu()
                     zc[i], cc[i] = nz, ncl
                 out_cov[cname].append(cov.numpy())
                 out_shift[cname].append(shf.numpy())
+                out_actual[cname].append(act.numpy())
                 zeros[cname] = zeros[cname] + zc
                 clipped[cname] = clipped[cname] + cc
             out_z.append(z.detach().to(torch.float64).cpu().numpy())
@@ -514,6 +537,7 @@ def _compute(
             c: {
                 "covariances": np.concatenate(out_cov[c]),
                 "shifts": np.concatenate(out_shift[c]),
+                "actual_shifts": np.concatenate(out_actual[c]),
                 "zero_share": zeros[c] / tot,
                 "clipped_share": clipped[c] / tot,
             }
@@ -531,6 +555,9 @@ def _compute(
 # ---------------------------------------------------------------------------------------
 # cache
 # ---------------------------------------------------------------------------------------
+_ARRAYS = ("covariances", "shifts", "actual_shifts", "zero_share", "clipped_share")
+
+
 def _save(res: dict[str, Any], path: Any) -> None:
     import json
 
@@ -552,7 +579,7 @@ def _load(path: Any) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as z:
         header = json.loads(str(z["header"]))
         configs = {
-            c: {n: z[f"c{i}_{n}"] for n in ("covariances", "shifts", "zero_share", "clipped_share")}
+            c: {n: z[f"c{i}_{n}"] for n in _ARRAYS}
             for i, c in enumerate(header["configs"])
         }
         return {
@@ -566,6 +593,7 @@ def _unpack(res: dict[str, Any], labels: np.ndarray | None) -> dict[str, Activat
         c: ActivationGrams(
             point_names=tuple(res["points"]), logits=res["logits"],
             covariances=d["covariances"], shifts=d["shifts"], labels=labels,
+            actual_shifts=d["actual_shifts"],
             zero_share=d["zero_share"], clipped_share=d["clipped_share"], config=c,
             key=f"{res['key']}:{c}", meta=dict(res["meta"]),
         )  # fmt: skip
