@@ -110,7 +110,8 @@ def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool) -> pd.Da
           f"activations alone {split.activations_flip_rate:.4f}")
     print(f"one-time cost: weight Grams {tw:.1f} s, activation Grams {ta:.1f} s "
           f"(ratio {ta / tw:.2f}; cached runs read both from disk)")
-    top = split.parts.sort_values("noise_share", ascending=False).head(8)
+    top = split.parts.sort_values("noise_share", ascending=False).head(8).copy()
+    top["rounds"] = [ref.sources.get(n, n) for n in top["name"]]
     print(top.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     rows.append(_row(name, "int8 x86", m8, pred, {"simulated_flips": sim.flips,
                      "weights_alone": split.weights_flip_rate,

@@ -312,6 +312,7 @@ def test_int8_reference_points_simulation_and_prediction(keep_engine, tmp_path):
         ref = int8_reference(net, x[:48], "x86")
         xe, ye = x[48:], y[48:]
         assert ref.exact_points  # the identity shortcut of a quantized tensor
+        assert "input" in ref.sources.values() and "adaptive_avg_pool2d" in ref.sources.values()
         assert set(ref.qparams).isdisjoint(ref.exact_points)
         assert all(q.qmin == 0 and q.qmax == 127 for q in ref.qparams.values())  # reduce_range
         assert len(ref.layers) == 3 and ref.to_frame().shape[0] == len(ref.qparams) + len(

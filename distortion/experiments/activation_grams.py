@@ -629,6 +629,9 @@ class Int8Reference:
     int8 : torch.fx.GraphModule
         The converted int8 model (float32 in and out, CPU).
     n_calibration : int
+    sources : dict of str to str
+        What each point rounds: the producing module (``"layer1.0.conv2"``, a fused
+        conv-BN), function (``"add"``, ``"relu"``, ``"adaptive_avg_pool2d"``) or ``"input"``.
     """
 
     backend: str
@@ -639,14 +642,19 @@ class Int8Reference:
     layers: tuple[str, ...]
     int8: Any = field(repr=False)
     n_calibration: int = 0
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_frame(self) -> pd.DataFrame:
         rows = [
-            {"point": p, "scale": float(q.scale), "zero_point": int(q.zero_point),
-             "qmin": q.qmin, "qmax": q.qmax, "exact": False}  # fmt: skip
+            {"point": p, "source": self.sources.get(p, ""), "scale": float(q.scale),
+             "zero_point": int(q.zero_point), "qmin": q.qmin, "qmax": q.qmax,
+             "exact": False}  # fmt: skip
             for p, q in self.qparams.items()
         ]
-        rows += [{"point": p, "exact": True} for p in self.exact_points]
+        rows += [
+            {"point": p, "source": self.sources.get(p, ""), "exact": True}
+            for p in self.exact_points
+        ]
         return pd.DataFrame(rows)
 
 
@@ -736,12 +744,19 @@ def int8_reference(
             prepared(_batch(calibration_data, idx).to(torch.float32))
     fused = copy.deepcopy(prepared)
     qparams: dict[str, ActivationQParams] = {}
+    sources: dict[str, str] = {}
     order: list[str] = []
     for node in list(fused.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("activation_post_process"):
             obs = fused.get_submodule(node.target)
             name = f"point_{len(order)}"
             qparams[name] = _observer_qparams(obs)
+            src = node.args[0] if node.args else None
+            sources[name] = str(getattr(src, "target", src)) if src is not None else ""
+            if getattr(src, "op", "") in ("call_function", "call_method"):
+                sources[name] = getattr(src.target, "__name__", str(src.target))
+            if getattr(src, "op", "") == "placeholder":
+                sources[name] = "input"
             fused.add_submodule(name, _point_module())
             node.target = name
             order.append(name)
@@ -781,7 +796,7 @@ def int8_reference(
     int8 = convert_fx(prepared)
     return Int8Reference(
         backend=backend, fused=fused, qparams=qparams, exact_points=exact,
-        weight_quantizer=wq, layers=layers, int8=int8, n_calibration=n,
+        weight_quantizer=wq, layers=layers, int8=int8, n_calibration=n, sources=sources,
     )  # fmt: skip
 
 
