@@ -718,30 +718,13 @@ def int8_reference(
     Int8Reference
     """
     import torch
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import convert_fx
 
-    from distortion.experiments.activations import _batch, _n_items
+    from distortion.experiments.activations import _batch, _n_items, prepare_calibrated
     from distortion.quantize import UniformQuantizer
 
-    engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
-    if backend not in engines:
-        raise ValueError(
-            f"backend {backend!r} is not a quantized engine of this torch build; this machine "
-            f"supports: {', '.join(engines)}"
-        )
+    prepared = prepare_calibrated(model, calibration_data, backend, (), batch_size)
     n = _n_items(calibration_data)
-    if n == 0:
-        raise ValueError("the calibration set is empty: pass at least one image")
-    torch.backends.quantized.engine = backend
-    float_model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    example = _batch(calibration_data, np.arange(1)).to(torch.float32)
-    mapping = get_default_qconfig_mapping(backend)
-    prepared = prepare_fx(float_model, mapping, (example,))
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(n, start + batch_size))
-            prepared(_batch(calibration_data, idx).to(torch.float32))
     fused = copy.deepcopy(prepared)
     qparams: dict[str, ActivationQParams] = {}
     sources: dict[str, str] = {}

@@ -373,15 +373,29 @@ def convert_int8_fx(
     torch.fx.GraphModule
         The quantized model (float32 inputs and outputs, CPU).
     """
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    return convert_fx(prepare_calibrated(model, calibration_data, backend, keep_float, batch_size))
+
+
+def prepare_calibrated(
+    model: nn.Module,
+    calibration_data: Any,
+    backend: str,
+    keep_float: Sequence[str] = (),
+    batch_size: int = 256,
+) -> torch.fx.GraphModule:
+    """``prepare_fx`` of a float32 CPU copy of ``model`` with the backend's default qconfig
+    mapping, its observers run on every calibration image (see :func:`convert_int8_fx`)."""
     import torch
     from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import prepare_fx
 
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     if backend not in engines:
         raise ValueError(
-            f"backend {backend!r} is not a quantized engine of this torch; supported: "
-            f"{', '.join(engines)}"
+            f"backend {backend!r} is not a quantized engine of this torch; this machine "
+            f"supports: {', '.join(engines)}"
         )
     n = _n_items(calibration_data)
     if n == 0:
@@ -398,4 +412,4 @@ def convert_int8_fx(
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(n, start + batch_size))
             prepared(_batch(calibration_data, idx).to(torch.float32))
-    return convert_fx(prepared)
+    return prepared
