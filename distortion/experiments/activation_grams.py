@@ -895,34 +895,36 @@ def measure_quantized(
                 out.append(m(x.to(torch.float32)).to(torch.float64).numpy())
         return np.concatenate(out)
 
-    model = model.eval()
-    zf = run(model)
-    if int8_model is not None:
-        return _summary(config or "int8", zf, run(int8_model), labels, c)
-    qmodel = model
-    if weights is not None:
-        x0, _ = next(iter(_batches(data, 1)))
-        qmodel, _ = quantize_model(model, weights, layers, input_shape=(1, *x0.shape[1:]))
-        qmodel.eval()
-    handles = []
-    if activations:
-        for name, qp in activations.items():
-            mod = _hooked(qmodel, name, where)
-            if where == "input":
-                handles.append(mod.register_forward_pre_hook(
-                    lambda m, a, qp=qp: (fake_quantize(a[0], qp), *a[1:])
-                ))  # fmt: skip
-            else:
-                handles.append(
-                    mod.register_forward_hook(lambda m, a, o, qp=qp: fake_quantize(o, qp))
-                )
-    try:
-        zq = run(qmodel)
-    finally:
-        for h in handles:
-            h.remove()
-    return _summary(config, zf, zq, labels, c)
+    from distortion.experiments._torch_state import evaluated_on
 
+    # the caller's model goes back to its modes (and devices) afterwards
+    with evaluated_on(model, "cpu"):
+        zf = run(model)
+        if int8_model is not None:
+            return _summary(config or "int8", zf, run(int8_model), labels, c)
+        qmodel = model
+        if weights is not None:
+            x0, _ = next(iter(_batches(data, 1)))
+            qmodel, _ = quantize_model(model, weights, layers, input_shape=(1, *x0.shape[1:]))
+            qmodel.eval()
+        handles = []
+        if activations:
+            for name, qp in activations.items():
+                mod = _hooked(qmodel, name, where)
+                if where == "input":
+                    handles.append(mod.register_forward_pre_hook(
+                        lambda m, a, qp=qp: (fake_quantize(a[0], qp), *a[1:])
+                    ))  # fmt: skip
+                else:
+                    handles.append(
+                        mod.register_forward_hook(lambda m, a, o, qp=qp: fake_quantize(o, qp))
+                    )
+        try:
+            zq = run(qmodel)
+        finally:
+            for h in handles:
+                h.remove()
+        return _summary(config, zf, zq, labels, c)
 
 
 # ---------------------------------------------------------------------------------------
