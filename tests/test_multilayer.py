@@ -291,6 +291,17 @@ def test_per_channel_variances_use_channel_grams(tiny_grams):
         noise_covariance(g, same), noise_covariance(g, [2e-4] * g.n_layers), rtol=1e-12
     )
 
+    # the memoized per-layer contraction: a proportional vector (another bit-width) is the
+    # same sum rescaled, and a new direction (or a vector of the same norm) is recomputed
+    for scale in (0.25, 3.0):
+        np.testing.assert_allclose(
+            noise_covariance(g, [scale * a for a in v]), scale * cov, rtol=1e-12, atol=1e-18
+        )
+    w = [np.roll(a, 1) for a in v]
+    naive_w = noise_covariance(g.__class__(**{f: getattr(g, f) for f in g.__dataclass_fields__}), w)
+    np.testing.assert_allclose(noise_covariance(g, w), naive_w, rtol=1e-12)
+    assert not np.allclose(naive_w, cov)
+
 
 def test_last_layer_only_agrees_with_semiparametric_level3(tiny_grams):
     net, x, y, g = tiny_grams

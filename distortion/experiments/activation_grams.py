@@ -32,6 +32,7 @@ import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -174,18 +175,32 @@ class ActivationGrams:
 
     def covariance(self, points: Sequence[str] | None = None) -> np.ndarray:
         r""":math:`C_a(x_i) = \sum_p C_p(x_i)` over ``points`` (default all), (N, K, K), eq. A11."""
-        idx = self._points(points)
+        if points is None:  # every point: summed once (a prediction from the cache reads it)
+            return self._total_covariance.copy()
+        return self._unpack(self.covariances[:, self._points(points)])
+
+    def _unpack(self, packed_points: np.ndarray) -> np.ndarray:
         k = self.n_classes
-        packed = self.covariances[:, idx].astype(np.float64).sum(axis=1)
+        packed = np.add.reduce(packed_points, axis=1, dtype=np.float64)
         iu = np.triu_indices(k)
         out = np.empty((self.n_samples, k, k))
         out[:, iu[0], iu[1]] = packed
         out[:, iu[1], iu[0]] = packed
         return out
 
+    @cached_property
+    def _total_covariance(self) -> np.ndarray:
+        return self._unpack(self.covariances)
+
+    @cached_property
+    def _total_shift(self) -> np.ndarray:
+        return np.add.reduce(self.shifts, axis=1, dtype=np.float64)
+
     def shift(self, points: Sequence[str] | None = None) -> np.ndarray:
         r""":math:`\sum_p s_p(x_i)` over ``points`` (default all), shape (N, K), eq. A10."""
-        return self.shifts[:, self._points(points)].astype(np.float64).sum(axis=1)
+        if points is None:
+            return self._total_shift.copy()
+        return np.add.reduce(self.shifts[:, self._points(points)], axis=1, dtype=np.float64)
 
     def actual_shift(self, points: Sequence[str] | None = None) -> np.ndarray:
         r"""The actual activation error of the float network, linearized (eq. A14), summed

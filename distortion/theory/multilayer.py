@@ -440,6 +440,35 @@ class GradientGrams:
         packed = np.moveaxis(self.grams[:, :, iu[0], iu[1]], 1, 0)
         return np.ascontiguousarray(packed).reshape(self.n_layers, -1)
 
+    @cached_property
+    def _contractions(self) -> dict[int, list[tuple[np.ndarray, float, np.ndarray]]]:
+        """Per layer, a few (direction, norm, contraction) of per-channel variances."""
+        return {}
+
+    def _channel_contraction(self, li: int, a: np.ndarray) -> np.ndarray:
+        r""":math:`\sum_{c \in \ell} a_c\,\Gamma_{\ell c}(x_i)`, packed, shape (N, K(K+1)/2).
+
+        The sum is linear in ``a``: the contraction with a variance vector proportional to
+        one already seen (the same layer at another bit-width, clip ratio or step scale: the
+        per-channel steps of a max-based grid all scale by one factor) is that contraction
+        rescaled, exact up to rounding. Only a new direction streams the layer's per-channel
+        Grams again. A few directions are kept per layer.
+        """
+        norm = float(np.linalg.norm(a))
+        seen = self._contractions.setdefault(li, [])
+        if norm == 0.0:
+            return np.zeros((self.n_samples, self.n_classes * (self.n_classes + 1) // 2))
+        for u0, n0, c0 in seen:  # proportional: cosine 1 (Cauchy-Schwarz equality)
+            if u0.shape == a.shape and float(u0 @ a) >= norm * (1.0 - 1e-13):
+                return c0 * (norm / n0)
+        u = a / norm
+        off = self.channel_offsets()
+        block = self.channel_grams[:, off[li] : off[li + 1]]  # (N, C_l, K(K+1)/2)
+        c = np.matmul(a.astype(np.float32), block).astype(np.float64)
+        seen.insert(0, (u, norm, c))
+        del seen[4:]
+        return c
+
     def to_frame(self) -> pd.DataFrame:
         r"""One row per layer: kind, shape, weights, channels and the mean :math:`G_{\ell j}`
         to the runner-up class (the margin's squared gradient norm)."""
@@ -536,19 +565,19 @@ def _noise_covariance(grams: GradientGrams, v: list[np.ndarray]) -> np.ndarray:
     n, k = grams.n_samples, grams.n_classes
     iu = np.triu_indices(k)
     tensor = np.array([float(a) if a.ndim == 0 else 0.0 for a in v])
-    packed = (tensor @ grams._packed_layer_major).reshape(n, -1)  # (eq. L4)
+    if tensor.any():
+        packed = (tensor @ grams._packed_layer_major).reshape(n, -1)  # (eq. L4)
+    else:  # every layer per channel (or float): nothing to stream
+        packed = np.zeros((n, k * (k + 1) // 2))
     if any(a.ndim == 1 for a in v):
         if grams.channel_grams is None:
             raise ValueError(
                 "per-channel steps need per-channel Gram matrices; recompute the cache with "
                 "gradient_grams(..., granularity='channel')"
             )
-        off = grams.channel_offsets()
-        s = np.zeros(int(off[-1]), dtype=np.float32)
         for i, a in enumerate(v):
             if a.ndim == 1:
-                s[off[i] : off[i + 1]] = a
-        packed = packed + np.tensordot(grams.channel_grams, s, axes=([1], [0]))
+                packed += grams._channel_contraction(i, a)  # (eq. L4)
     cov = np.empty((n, k, k))
     cov[:, iu[0], iu[1]] = packed
     cov[:, iu[1], iu[0]] = packed
