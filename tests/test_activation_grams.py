@@ -369,3 +369,53 @@ def test_w_plus_a_band_covers_fresh_realizations_at_its_nominal_level(tmp_path):
     assert flips.mean() > 0.02  # the test has flips to count
     print(f"coverage {inside:.3f}, mean {flips.mean():.3f}, band {b.low:.3f}-{b.high:.3f}")
     assert 0.90 <= inside <= 0.995, inside
+
+
+def test_compare_activations_table_splits_and_files(keep_engine, tmp_path):
+    """The study function of the script and of `distortion run`: one row per cell, the
+    measurement of each cell agrees with measure_quantized run by hand, the splits add up."""
+    from distortion.experiments.compare_activations import (
+        ACTIVATION_COLUMNS,
+        compare_activations,
+    )
+
+    engines = torch.backends.quantized.supported_engines
+    torch.manual_seed(0)
+    net = ResBlockNet().eval()
+    x, y = tiny_data(96, dtype=torch.float32)
+    cal, ev = (x[:48], y[:48]), (x[48:], y[48:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = compare_activations(
+            net, cal, ev, model_name="tiny", grid=[(8, 4), (4, 8)], granularities=["tensor"],
+            int8_backends=["x86"] if "x86" in engines else [], n_realizations=40,
+            cache_dir=tmp_path, progress=False,
+        )  # fmt: skip
+        t = st.to_frame()
+        assert list(t.columns) == list(ACTIVATION_COLUMNS)
+        cells = ["W8A4 tensor", "W4A8 tensor"]
+        assert t["cell"].tolist()[-2:] == cells
+        q = calibrate_activations(net, cal, "all", ActivationQuantizer(4), n_images=48)
+        hand = measure_quantized(net, ev, weights=UniformQuantizer(8, granularity="channel"),
+                                 activations=q.qparams, progress=False)  # fmt: skip
+    row = t.set_index("cell").loc["W8A4 tensor"]
+    assert row["measured_flips"] == hand.flips and row["n"] == 48
+    assert row["band_low"] <= row["predicted_flip_rate"] <= row["band_high"]
+    assert 0 <= row["activation_noise_share"] <= 1
+    # fewer bits, more flips: the weights' part grows from W8 to W4, the activations' from A8
+    # to A4
+    w4 = t.set_index("cell").loc["W4A8 tensor"]
+    assert w4["weights_alone"] > row["weights_alone"]
+    assert row["activations_alone"] >= w4["activations_alone"] - 1e-3  # a clipped shift: 1/48
+    assert row["activation_noise_share"] > w4["activation_noise_share"]
+    out = st.save(tmp_path / "out", figures=False)
+    assert (out / "activations.csv").is_file() and (out / "activations_summary.txt").is_file()
+    assert (out / "activations_split_tiny_W8A4_tensor.json").is_file()
+    cov, miss = st.coverage(1.0)
+    assert 0 <= cov <= 1 and all(m.startswith("tiny ") for m in miss)
+    with pytest.raises(ValueError, match="activation bits must be an integer in 2..16"):
+        compare_activations(net, cal, ev, grid=[(8, 1)], int8_backends=[])
+    with pytest.raises(ValueError, match="granularity"):
+        compare_activations(net, cal, ev, granularities=["row"], int8_backends=[])
+    with pytest.raises(ValueError, match="also evaluation images"):
+        compare_activations(net, ev, ev, grid=[(8, 8)], int8_backends=[])

@@ -162,6 +162,10 @@ def test_config_defaults_match_the_default_file():
         ("[data]\nsourse = 'x'", r"unknown configuration key\(s\): data.sourse"),
         ("[quantizr]\nbits = 3", "unknown configuration key"),
         ("name = ", "not valid TOML"),
+        ("stages = ['activation']", "stages names stages among"),
+        ("[activations]\ngrid = ['W8A1']", "W\\+A cells like"),
+        ("[activations]\nint8 = ['tensorrt']", "activations.int8 must be one of"),
+        ("[activations]\nn = -1", "activations.n must be an integer >= 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, match):
@@ -250,3 +254,38 @@ def test_column_dictionary_lists_the_verdict_columns(tmp_path):
     text = write_column_dictionary(tmp_path / "columns.md").read_text()
     assert not [c for c in v.columns if f"| `{c}` |" not in text]
     assert "## hypothesis_verdicts.csv" in text
+
+
+def test_the_activations_config_parses():
+    from distortion.experiments import _paths
+
+    cfg = ExperimentConfig.from_toml(_paths.repo_root() / "experiments" / "activations.toml")
+    assert cfg.stages == ("activations",) and cfg.activations_n == 2000
+    assert cfg.activations_grid == ("W8A8", "W6A6", "W4A8", "W8A4", "W4A4")
+    assert cfg.activations_int8 == ("x86",)
+    assert ExperimentConfig().activations_n == 0  # the default run has no activation stage
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_activation_stage_runs_alone(real_data, tmp_path, capsys):
+    cfg = tmp_path / "act.toml"
+    cfg.write_text(
+        'name = "act"\nstages = ["activations"]\n[data]\nn = 400\n[models]\n'
+        'names = ["resnet20"]\n[activations]\nn = 60\ncalibration = 40\ngrid = ["W8A4"]\n'
+        'granularity = ["tensor"]\nint8 = ["x86"]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet", "--no-figures"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "activations (W+A, int8)" in printed and "W8A4 tensor" in printed
+    t = pd.read_csv(out / "activations" / "activations.csv")
+    import torch
+
+    int8 = ["int8 x86"] if "x86" in torch.backends.quantized.supported_engines else []
+    assert t["cell"].tolist() == [*int8, "W8A4 tensor"]
+    assert (t["n"] == 60).all() and t["measured_flip_rate"].between(0, 1).all()
+    assert (t["band_low"] <= t["band_high"]).all()
+    assert not (out / "comparison.csv").exists()  # no weight-only stage ran
+    assert (out / "activations" / "activations_split_resnet20_W8A4_tensor.json").is_file()

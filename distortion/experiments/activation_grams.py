@@ -849,7 +849,7 @@ def _summary(config: str, zf: np.ndarray, zq: np.ndarray, labels: np.ndarray, c:
         flip_ci=(float(ci.low), float(ci.high)),
         accuracy_float=float(np.mean(pf == labels)),
         accuracy_quantized=float(np.mean(pq == labels)),
-        accuracy_loss=float(pl.loss), loss_ci=(float(lci.low), float(lci.high)),
+        accuracy_loss=float(pl.accuracy_loss), loss_ci=(float(lci.low), float(lci.high)),
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
 import tomllib
@@ -37,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from distortion.experiments import _paths
+from distortion.experiments.compare_activations import ActivationStudy
 
 __all__ = [
     "ExperimentConfig",
@@ -64,14 +66,23 @@ class Problem:
 
 #: Sections and keys of a configuration file (``""``: the top level), for error messages.
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("name", "data", "models", "quantizer", "last_layer", "all_layers", "hypotheses"),
+    "": ("name", "stages", "data", "models", "quantizer", "last_layer", "all_layers",
+         "hypotheses", "activations"),
     "data": ("source", "n", "fit_fraction", "seed"),
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
     "all_layers": ("bits", "n", "dither_realizations", "competitors"),
     "hypotheses": ("bits", "n_components", "layers"),
+    "activations": ("n", "calibration", "grid", "granularity", "int8"),
 }
+
+#: The stages a configuration may run (``stages``; default all of them). The activation stage
+#: runs only where ``activations.n > 0``, the all-layer stage where ``all_layers.n > 0``.
+STAGES = ("hypotheses", "last_layer", "all_layers", "activations")
+
+#: Backends whose real int8 model the activation stage may convert (torch.ao).
+INT8_BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 
 #: Field of :class:`ExperimentConfig` -> its key in the TOML file (named in error messages).
 _TOML_KEY: dict[str, str] = {
@@ -86,8 +97,22 @@ _TOML_KEY: dict[str, str] = {
     "all_layers_dither": "all_layers.dither_realizations",
     "all_layers_competitors": "all_layers.competitors",
     "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
-    "hypotheses_layers": "hypotheses.layers",
+    "hypotheses_layers": "hypotheses.layers", "stages": "stages",
+    "activations_n": "activations.n", "activations_calibration": "activations.calibration",
+    "activations_grid": "activations.grid", "activations_granularity": "activations.granularity",
+    "activations_int8": "activations.int8",
 }  # fmt: skip
+
+
+def parse_wa_cell(key: str, cell: Any) -> tuple[int, int]:
+    """``"W8A4"`` -> (8, 4): weight and activation bits of a W+A cell, each in 2..16."""
+    m = re.fullmatch(r"W(\d+)A(\d+)", cell) if isinstance(cell, str) else None
+    if m is None or not all(2 <= int(b) <= 16 for b in m.groups()):
+        raise ValueError(
+            f"{key} holds W+A cells like \"W8A8\" or \"W4A8\" (weight and activation bits, "
+            f"each 2..16), got {cell!r}"
+        )
+    return int(m.group(1)), int(m.group(2))
 
 #: Realizations a 95 % band needs: its 2.5 % and 97.5 % quantiles must be two distinct draws.
 MIN_BAND_REALIZATIONS = 39
@@ -193,6 +218,12 @@ class ExperimentConfig:
     hypotheses_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     n_components: int = 10
     hypotheses_layers: str = "all"
+    stages: tuple[str, ...] = STAGES
+    activations_n: int = 0
+    activations_calibration: int = 500
+    activations_grid: tuple[str, ...] = ("W8A8", "W6A6", "W4A8", "W8A4", "W4A4")
+    activations_granularity: tuple[str, ...] = ("tensor", "channel")
+    activations_int8: tuple[str, ...] = ("x86",)
     source_file: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -265,6 +296,38 @@ class ExperimentConfig:
         for p in problems:
             check_problem_classes(p, known)
         set_(self, "problems", problems)
+        stages = _check_list(k["stages"], self.stages, '["activations"]')
+        bad = [x for x in stages if x not in STAGES]
+        if bad or not stages:
+            raise ValueError(f"{k['stages']} names stages among {', '.join(STAGES)}; got "
+                             f"{list(stages)}")  # fmt: skip
+        set_(self, "stages", tuple(stages))
+        _check_int(k["activations_n"], self.activations_n, 0,
+                   " (evaluation images; 0 skips the activation stage)")  # fmt: skip
+        _check_int(k["activations_calibration"], self.activations_calibration, 1,
+                   " (calibration images from the fit part)")  # fmt: skip
+        grid = self.activations_grid  # may be empty (int8 only), never a bare string
+        grid = () if isinstance(grid, list | tuple) and not grid else _check_list(
+            k["activations_grid"], grid, '["W8A8", "W4A8"]')  # fmt: skip
+        for c in grid:
+            parse_wa_cell(k["activations_grid"], c)
+        set_(self, "activations_grid", tuple(grid))
+        ag = self.activations_granularity
+        ag = _check_list(k["activations_granularity"], (ag,) if isinstance(ag, str) else ag,
+                         '["tensor", "channel"]')  # fmt: skip
+        for g in ag:
+            _check_choice(k["activations_granularity"], g, ("tensor", "channel"))
+        set_(self, "activations_granularity", tuple(ag))
+        i8 = self.activations_int8
+        i8 = (i8,) if isinstance(i8, str) else i8  # may be empty: no real int8 model
+        i8 = () if isinstance(i8, list | tuple) and not i8 else _check_list(
+            k["activations_int8"], i8, '["x86"]')  # fmt: skip
+        for b in i8:
+            _check_choice(k["activations_int8"], b, INT8_BACKENDS)
+        set_(self, "activations_int8", tuple(i8))
+        if self.activations_n and not grid and not i8:
+            raise ValueError(f"{k['activations_grid']} and {k['activations_int8']} are both "
+                             "empty: name W+A cells or an int8 backend")  # fmt: skip
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ExperimentConfig:
@@ -322,7 +385,8 @@ class ExperimentConfig:
             kw["models"] = _check_list(_TOML_KEY["models"], kw["models"], '["resnet20"]')
         if "problems" in kw:
             kw["problems"] = _problems(kw["problems"])
-        for key in ("granularity", "last_layer_bits", "all_layers_bits", "hypotheses_bits"):
+        for key in ("granularity", "last_layer_bits", "all_layers_bits", "hypotheses_bits",
+                    "stages", "activations_grid", "activations_granularity", "activations_int8"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -404,6 +468,8 @@ class ExperimentResult:
     comparison: Any  # Comparison; None on the ranks > 0 of a distributed run
     timings: dict[str, float] = field(repr=False)
     accuracies: dict[str, float] = field(repr=False)
+    #: The activation stage's ActivationStudy (None when it did not run).
+    activations: Any = field(default=None, repr=False)
 
     def to_frame(self) -> pd.DataFrame:
         """The comparison table."""
@@ -686,11 +752,17 @@ def run_experiment(
         out.mkdir(parents=True, exist_ok=True)
     cache = _paths.cache_dir(cache_dir)
     started = time.time()
-    n_stages = len(config.models) * (4 + (config.all_layers_n > 0)) + 1 + figures
+    st = config.stages
+    features = "hypotheses" in st or "last_layer" in st
+    all_layers = config.all_layers_n > 0 and "all_layers" in st
+    act_stage = config.activations_n > 0 and "activations" in st
+    n_stages = len(config.models) * (
+        2 + ("hypotheses" in st) + ("last_layer" in st) + all_layers + act_stage
+    ) + 1 + figures
     stage = _Stages(n_stages, stream if main else io.StringIO())  # rank 0 prints
     progress = progress and main
     competitors = config.all_layers_competitors
-    parts, accuracies, verdicts = [], {}, []
+    parts, accuracies, verdicts, act_parts = [], {}, [], []
     with stage("load data"):
         source = _resolve_source(config.data_source, data)
         if config.data_source == "imagenet" and source != "imagenet":
@@ -700,23 +772,30 @@ def run_experiment(
         for prob in config.problems:  # names of a dataset not known before loading it
             check_problem_classes(prob, dataset.class_names)
     for name in config.models:
-        with stage(f"{name}: load model and extract features"):
-            model = load_model(name, weights.get(name), download=download)
-            if distributed:
-                fs = D.sharded_extract_features(
-                    model, dataset, cache_dir=cache, batch_size=DISTRIBUTED_BATCH_SIZE,
-                    progress=progress,
-                )  # fmt: skip
-            else:
-                fs = extract_features(model, dataset, cache_dir=cache, progress=progress)
-            if main:
-                (out / "features").mkdir(exist_ok=True)
-                fs.save(out / "features" / f"{name}.npz")
-            accuracies[name] = fs.accuracy
-            first = fs.split_mask(config.fit_fraction, seed=config.seed)
-            fit, evaluate = fs.select(first), fs.select(~first)
-            n_classes = len(fs.class_names)
-        if main:
+        if not features:  # the split from the labels alone (the same as the features')
+            with stage(f"{name}: load model"):
+                model = load_model(name, weights.get(name), download=download)
+                n_classes = dataset.n_classes
+                first = fit_evaluate_mask(dataset.labels, n_classes, config.fit_fraction,
+                                          config.seed)  # fmt: skip
+        else:
+            with stage(f"{name}: load model and extract features"):
+                model = load_model(name, weights.get(name), download=download)
+                if distributed:
+                    fs = D.sharded_extract_features(
+                        model, dataset, cache_dir=cache, batch_size=DISTRIBUTED_BATCH_SIZE,
+                        progress=progress,
+                    )  # fmt: skip
+                else:
+                    fs = extract_features(model, dataset, cache_dir=cache, progress=progress)
+                if main:
+                    (out / "features").mkdir(exist_ok=True)
+                    fs.save(out / "features" / f"{name}.npz")
+                accuracies[name] = fs.accuracy
+                first = fs.split_mask(config.fit_fraction, seed=config.seed)
+                fit, evaluate = fs.select(first), fs.select(~first)
+                n_classes = len(fs.class_names)
+        if main and "hypotheses" in st:
             with stage(f"{name}: hypothesis tests"):
                 hyp_fs = _hypothesis_features(fs, config.problems, name, stage)
                 hyp_figures = figures
@@ -734,6 +813,7 @@ def run_experiment(
                     cache_dir=cache, progress=progress,
                 )  # fmt: skip
                 verdicts.append(hypothesis_verdicts(report, name, config.problems))
+        if main and "last_layer" in st:
             with stage(f"{name}: last layer, predicted vs measured"):
                 for prob in config.problems:
                     k = n_classes if prob.classes is None else len(prob.classes)
@@ -761,7 +841,7 @@ def run_experiment(
                             ) from exc
                         raise
                     parts.append(cmp)
-        if config.all_layers_n > 0:
+        if all_layers:
             all_name = f"{name}: all layers, predicted vs measured"
             if n_classes > MAX_DENSE_CLASSES and competitors is None:
                 stage.skip(
@@ -794,30 +874,43 @@ def run_experiment(
                                 **extra,
                             )  # fmt: skip
                         )
+        if main and act_stage:
+            with stage(f"{name}: activations (W+A, int8), predicted vs measured"):
+                act_parts.append(_activation_stage(config, model, name, dataset, first, cache,
+                                                   progress, stage))  # fmt: skip
         if main:
             with stage(f"{name}: write tables"):
-                Comparison.concat(parts).save(out)
+                if parts:
+                    Comparison.concat(parts).save(out)
+                if act_parts:
+                    ActivationStudy.concat(act_parts).save(out / "activations", figures=False)
     if not main:
         D.shutdown_distributed()
         return ExperimentResult(config, out, None, stage.timings, accuracies)
-    if not any(len(p.table) for p in parts):
+    activations = ActivationStudy.concat(act_parts) if act_parts else None
+    if not any(len(p.table) for p in parts) and activations is None:
         raise StageError(
             "no cell was computed: every last-layer problem and all-layer stage was skipped ("
             + "; ".join(f"{k}: {v}" for k, v in stage.skipped.items())
             + ")"
         )
-    comparison = Comparison.concat(parts)
+    comparison = Comparison.concat(parts) if any(len(p.table) for p in parts) else None
     if figures:
         with stage("figures"):
             from distortion.plotting.compare import save_comparison_figures
 
-            save_comparison_figures(comparison, out / "figures")
+            if comparison is not None:
+                save_comparison_figures(comparison, out / "figures")
+            if activations is not None:
+                activations.save(out / "activations", figures=True)
     verdict_table = pd.concat(verdicts, ignore_index=True) if verdicts else None
     if verdict_table is not None:
         if "bits" in verdict_table:  # integers, empty for the H_G rows (not 2.0)
             verdict_table["bits"] = verdict_table["bits"].astype("Int64")
         verdict_table.to_csv(out / "hypothesis_verdicts.csv", index=False)
-    text = summary_table(comparison, accuracies, verdict_table)
+    text = "" if comparison is None else summary_table(comparison, accuracies, verdict_table)
+    if activations is not None:
+        text += ("\n\n" if text else "") + "activations (W+A, int8):\n" + activations.summary()
     if stage.skipped:
         text += "\n" + "\n".join(f"skipped: {k}: {v}" for k, v in stage.skipped.items())
     (out / "summary.txt").write_text(text + "\n")
@@ -826,7 +919,37 @@ def run_experiment(
     write_column_dictionary(out / "columns.md")
     if distributed:
         D.shutdown_distributed()
-    return ExperimentResult(config, out, comparison, stage.timings, accuracies)
+    return ExperimentResult(config, out, comparison, stage.timings, accuracies, activations)
+
+
+def _activation_stage(
+    config: ExperimentConfig, model: Any, name: str, dataset: Any, first: np.ndarray,
+    cache: Any, progress: bool, stage: _Stages,
+) -> ActivationStudy:
+    """The activation stage of one model: calibration on the first
+    ``activations.calibration`` images of the fit part, evaluation on the first
+    ``activations.n`` of the evaluation part (disjoint by construction, checked by content)."""
+    import torch
+
+    from distortion.experiments.compare_activations import compare_activations
+
+    backends = []
+    for b in config.activations_int8:
+        if b in torch.backends.quantized.supported_engines:
+            backends.append(b)
+        else:
+            have = ", ".join(torch.backends.quantized.supported_engines)
+            stage.note(f"{name}: int8 {b}", f"the torch.ao backend {b!r} is not available on "
+                       f"this machine (it has {have})")  # fmt: skip
+    cal_pos = np.flatnonzero(first)[: config.activations_calibration]
+    cal = _subset(dataset, cal_pos, f"{dataset.dataset_id}[cal:{len(cal_pos)}]")
+    ev = _evaluation_images(dataset, ~first, config.activations_n)
+    grid = [parse_wa_cell("activations.grid", c) for c in config.activations_grid]
+    return compare_activations(
+        model, cal, ev, model_name=name, grid=grid,
+        granularities=config.activations_granularity, int8_backends=backends,
+        seed=config.seed, cache_dir=cache, progress=progress,
+    )  # fmt: skip
 
 
 def _write_run_json(
