@@ -770,6 +770,39 @@ class AccuracyLossEstimator:
             activation_covariance=cov,
         )
 
+    def weight_activation_split(
+        self,
+        allocation: Mapping[str, int] | BitAllocation | int,
+        activations: Any,
+        *,
+        quantizer: UniformQuantizer | None = None,
+    ) -> Any:
+        """Which layer, and is it the weights or the activations: the predicted flip rate of
+        a W+A configuration with everything quantized, weights alone, activations alone, and
+        each weight layer and activation point alone
+        (:func:`distortion.experiments.activation_grams.weight_activation_split`).
+
+        Parameters
+        ----------
+        allocation : int, mapping of layer name to bits, or BitAllocation
+            The weights' bits (an int: every fitted layer at that bit-width).
+        activations : ActivationGrams
+            The quantized activations, on the fitted samples.
+        quantizer : UniformQuantizer, optional
+        """
+        from distortion.experiments.activation_grams import weight_activation_split
+
+        self._check_fitted(multilayer=True)
+        q = self._quantizer(quantizer)
+        if isinstance(allocation, int | np.integer) and not isinstance(allocation, bool):
+            allocation = dict.fromkeys(self.grams_.layer_names, int(allocation))
+        bits = self._allocation_bits(allocation)
+        self._activation_terms(activations)  # the same samples as the Grams
+        return weight_activation_split(
+            self.grams_, self._variances(bits, q), activations,
+            coverage=self.coverage, seed=self.seed,
+        )  # fmt: skip
+
     def _activation_terms(self, activations: Any) -> tuple[Any, Any]:
         """Covariance (N, K, K) and shift (N, K) of ``activations``, checked against the
         fitted Grams' samples (None, None without activations)."""

@@ -4,6 +4,7 @@ traceback, a silent fallback or a silent coercion; and no progress bars in a log
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -240,3 +241,37 @@ def test_predict_on_the_evaluate_half(real_data, tmp_path, capsys):
     ds = load_dataset("cifar10", n=60)
     n_eval = int((~fit_evaluate_mask(ds.labels, ds.n_classes, 0.5, 0)).sum())
     assert f"({n_eval} images, the evaluate part of the first 60 (fit fraction 0.5, seed 0))" in out
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_predict_with_activations_prints_and_writes_the_split(real_data, tmp_path, capsys):
+    """`distortion predict --activation-bits`: W+A rows, the split (printed, JSON, figure),
+    calibration images apart from the predicted ones."""
+    args = ["predict", "--model", "resnet20", "--bits", "8", "--n", "40", "--granularity",
+            "channel", "--activation-bits", "4", "--calibration", "30", "--quiet",
+            "--realizations", "40", "--cache-dir", str(tmp_path),
+            "--split-json", str(tmp_path / "s.json"), "--split-figure", str(tmp_path / "s.png")]
+    assert main(args) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(40 images)" in out and "activations A4 per tensor (minmax)" in out
+    assert "W8A4 (tensor, minmax on 30 calibration images)" in out
+    split = json.loads((tmp_path / "s.json").read_text())
+    kinds = {p["kind"] for p in split["parts"]}
+    assert kinds == {"weights", "activations"} and (tmp_path / "s.png").stat().st_size > 0
+    # A4 activations carry more of the flips than W8 weights
+    assert split["activations_flip_rate"] > split["weights_flip_rate"]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--activation-bits", "1", "--n", "10"], "--activation-bits must be in 2..16"),
+        (["--activation-bits", "8", "--layers", "last"], "needs the all-layer model"),
+        (["--split-json", "x.json"], "need --activation-bits"),
+        (["--activation-bits", "8", "--calibration", "0", "--n", "10"], "--calibration must"),
+    ],
+)
+def test_predict_activation_options_are_checked(extra, match, capsys):
+    assert main(["predict", "--model", "resnet20", *extra]) == 2
+    assert match in capsys.readouterr().err

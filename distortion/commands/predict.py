@@ -5,12 +5,19 @@ Example::
     distortion predict --model resnet20 --data ../shared/data/cifar10/test.npz --bits 2-8
     distortion predict --model resnet56 --layers last --n 5000 --granularity channel
     distortion predict --model resnet20 --n 2000 --avg-bits 4   # also a mixed allocation
+    distortion predict --model resnet20 --n 2000 --split evaluate --granularity channel \
+        --bits 4,8 --activation-bits 8 --split-json split.json --split-figure split.pdf
 
 Prints one row per bit-width: the expected flip rate and accuracy loss with the band of one
 realization of the quantization error, and the level that produced them ("3": last layer,
 empirical features, uniform error; "3L": several layers, first-order propagation). The
 per-sample gradients behind "3L" are cached on disk (``--cache-dir``), so a second call is
-fast. Light module: torch is imported inside :func:`run`.
+fast. With ``--activation-bits`` the input of every quantized layer is quantized too (W+A,
+``theory/activations.md``): calibrated on images the prediction does not use (the fit part of
+``--split evaluate``, else the ``--calibration`` images after the N used), and the table is
+followed by the weight / activation split of the largest bit-width (which layer, and is it the
+weights or the activations), also written as JSON and a figure on request.
+Light module: torch is imported inside :func:`run`.
 """
 
 from __future__ import annotations
@@ -102,6 +109,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"realizations behind the 95 %% band: 0 (no band) or >= {MIN_REALIZATIONS}",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the realizations and --split")
+    a = p.add_argument_group("activations (W+A)")
+    a.add_argument("--activation-bits", type=int, metavar="A",
+                   help="also quantize the input of every quantized layer at A bits (2..16)")
+    a.add_argument("--activation-granularity", choices=("tensor", "channel"), default="tensor")
+    a.add_argument("--activation-calibration", choices=("minmax", "percentile", "mse"),
+                   default="minmax", help="range of the activation grids (default minmax)")
+    a.add_argument("--calibration", type=int, default=500, metavar="M",
+                   help="calibration images of the activation grids (default 500)")
+    a.add_argument("--split-json", metavar="FILE", help="write the W+A split as JSON")
+    a.add_argument("--split-figure", metavar="FILE", help="draw the W+A split (pdf, png)")
     add_runtime_args(p, no_cache=False)
     return p
 
@@ -115,7 +132,35 @@ def _loading_args(args: argparse.Namespace) -> argparse.Namespace:
     loading = argparse.Namespace(**vars(args))
     if args.offset and args.n is not None:
         loading.n = args.offset + args.n
+    if getattr(args, "activation_bits", None) and args.split is None and loading.n is not None:
+        loading.n += args.calibration  # the calibration images follow the N used
     return loading
+
+
+def calibration_images(dataset, args: argparse.Namespace):
+    """The images the activation grids are calibrated on, never among those predicted:
+    the first ``--calibration`` of the fit part of ``--split evaluate``, else the
+    ``--calibration`` images after the first ``offset + n``."""
+    import numpy as np
+
+    from distortion.experiments.pipeline import fit_evaluate_mask, select_images
+
+    if args.split == "evaluate":
+        fit = fit_evaluate_mask(dataset.labels, dataset.n_classes, args.fit_fraction, args.seed)
+        pos = np.flatnonzero(fit)[: args.calibration]
+    elif args.split == "fit":
+        raise ValueError(
+            "--activation-bits calibrates on the fit part: predict on --split evaluate"
+        )
+    else:
+        start = args.offset + (args.n if args.n is not None else 0)
+        pos = np.arange(start, min(start + args.calibration, len(dataset)))
+        if args.n is None or pos.size == 0:
+            raise ValueError(
+                "--activation-bits needs calibration images the prediction does not use: pass "
+                "--n (the calibration images follow them) or --split evaluate"
+            )
+    return select_images(dataset, pos, f"calibration:{pos.size}")
 
 
 def choose_images(dataset, args: argparse.Namespace):
@@ -176,8 +221,24 @@ def run(args: argparse.Namespace) -> int:
         clipping=args.clipping,
         rounding=args.rounding,
     )
-    _, dataset, model = load_model_and_dataset(_loading_args(args))
-    dataset, chosen = choose_images(dataset, args)
+    if args.activation_bits is not None:
+        if args.layers == "last":
+            raise ValueError("--activation-bits needs the all-layer model: drop --layers last")
+        if not 2 <= args.activation_bits <= 16:
+            raise ValueError(f"--activation-bits must be in 2..16, got {args.activation_bits}")
+        if args.calibration < 1:
+            raise ValueError(f"--calibration must be a positive integer, got {args.calibration}")
+    elif args.split_json or args.split_figure:
+        raise ValueError("--split-json / --split-figure need --activation-bits")
+    _, full, model = load_model_and_dataset(_loading_args(args))
+    dataset, chosen = choose_images(full, args)
+    if args.activation_bits is not None and args.split is None and args.n is not None:
+        import numpy as np
+
+        from distortion.experiments.pipeline import select_images
+
+        stop = args.offset + args.n  # the calibration images after them are not predicted
+        dataset = select_images(full, np.arange(args.offset, stop), f"{args.offset}:{stop}")
     est = AccuracyLossEstimator(
         quantizer,
         layers=layers,
@@ -188,7 +249,22 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=progress_enabled(args),
     ).fit_model(model, dataset)
-    pred = est.predict(args.bits)
+    acts = None
+    if args.activation_bits is not None:
+        from distortion.activations import ActivationQuantizer
+        from distortion.experiments.activation_grams import activation_grams, check_disjoint
+        from distortion.experiments.activations import calibrate_activations
+
+        cal = calibration_images(full, args)
+        check_disjoint(cal, dataset)
+        aq = ActivationQuantizer(args.activation_bits, granularity=args.activation_granularity,
+                                 calibration=args.activation_calibration)  # fmt: skip
+        grids = calibrate_activations(model, cal, list(est.layers_), aq, n_images=len(cal),
+                                      seed=args.seed)  # fmt: skip
+        name = f"A{args.activation_bits} {args.activation_granularity}"
+        acts = activation_grams(model, dataset, {name: grids}, cache_dir=args.cache_dir,
+                                progress=progress_enabled(args))[name]  # fmt: skip
+    pred = est.predict(args.bits, activations=acts)
     frame = pred.to_frame()
     cols = ["bits", "flip_rate", "flip_rate_low", "flip_rate_high", "accuracy_loss",
             "accuracy_loss_low", "accuracy_loss_high", "hu_fail_share", "level"]  # fmt: skip
@@ -200,7 +276,14 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.model} on {dataset.dataset_id} ({len(dataset)} images{chosen}), "
         f"{len(est.layers_)} layer(s), {args.scheme}/{args.granularity}/{args.clipping}/"
-        f"{args.rounding}; float top-1 {100 * pred.accuracy_float:.2f} %; "
+        f"{args.rounding}"
+        + (
+            ""
+            if acts is None
+            else f", activations A{args.activation_bits} per {args.activation_granularity} "
+            f"({args.activation_calibration})"
+        )
+        + f"; float top-1 {100 * pred.accuracy_float:.2f} %; "
         + (
             f"bands: {100 * est.coverage:.0f} % for one realization"
             if args.realizations
@@ -215,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
         "20 % off Delta^2/12; where it is large, do not trust the prediction.",
         file=sys.stdout,
     )
+    if acts is not None:
+        _print_split(est, acts, args, len(cal))
     if args.avg_bits is not None:
         alloc = est.allocate(avg_bits=args.avg_bits, bits=args.bits)
         print(
@@ -224,3 +309,41 @@ def run(args: argparse.Namespace) -> int:
         )
         print(alloc.to_frame().to_string(index=False), file=sys.stdout)
     return 0
+
+
+def _print_split(est, acts, args: argparse.Namespace, n_cal: int) -> None:
+    """The weight / activation split at the largest bit-width: printed, and written on
+    request (``--split-json``, ``--split-figure``)."""
+    import json
+    from pathlib import Path
+
+    b = max(args.bits)
+    split = est.weight_activation_split(b, acts)
+    a = args.activation_bits
+    print(
+        f"\nW{b}A{a} ({args.activation_granularity}, {args.activation_calibration} on {n_cal} "
+        f"calibration images): predicted flip {100 * split.flip_rate:.3f} % "
+        f"[{100 * split.flip_low:.3f}, {100 * split.flip_high:.3f}]; weights alone "
+        f"{100 * split.weights_flip_rate:.3f} %, activations alone "
+        f"{100 * split.activations_flip_rate:.3f} %",
+        file=sys.stdout,
+    )
+    top = split.parts.sort_values("flip_rate", ascending=False).head(10).copy()
+    for c in ("flip_rate", "share", "noise_share"):
+        top[c] = 100 * top[c]
+    top.columns = [{"flip_rate": "flip alone %", "share": "share %",
+                    "noise_share": "noise share %"}.get(c, c) for c in top.columns]  # fmt: skip
+    print("the ten largest parts (each alone):", file=sys.stdout)
+    print(top.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stdout)
+    if args.split_json:
+        Path(args.split_json).write_text(json.dumps(split.to_dict(), indent=1))
+        print(f"split written to {args.split_json}", file=sys.stdout)
+    if args.split_figure:
+        import matplotlib
+
+        matplotlib.use("agg", force=False)
+        from distortion.plotting.activations import plot_weight_activation_split
+
+        ax = plot_weight_activation_split(split)
+        ax.figure.savefig(args.split_figure, bbox_inches="tight")
+        print(f"figure written to {args.split_figure}", file=sys.stdout)
