@@ -199,6 +199,18 @@ class BitAllocation:
         That evaluation (bands included when realizations are cached).
     contributions : LayerContributions
         The per-layer terms :math:`f_\ell(b)` the knapsack used.
+    point_names : tuple of str, length P
+        Activation points (W+A allocations only; empty otherwise).
+    activation_bits : array of shape (P,) or None
+        Bits of each point.
+    point_sizes : array of shape (P,) or None
+        Entries of each point per sample.
+    activation_budget_bits, activation_total_bits : int or None
+        The activations' budget and size (bits per sample), :math:`\sum_p m_p a_p`.
+    activation_bit_options : array of shape (B_a,) or None
+    activation_contributions : array of shape (P, B_a) or None
+        Each point's term :math:`g_p(a)` (eq. A15): the flip rate (or loss) with that point
+        alone at a bits.
     """
 
     layer_names: tuple[str, ...]  # (L,)
@@ -212,6 +224,25 @@ class BitAllocation:
     accuracy_loss: float
     prediction: MultilayerDistortion = field(repr=False, default=None)
     contributions: LayerContributions = field(repr=False, default=None)
+    point_names: tuple[str, ...] = ()
+    activation_bits: np.ndarray | None = None  # (P,)
+    point_sizes: np.ndarray | None = None  # (P,)
+    activation_budget_bits: int | None = None
+    activation_total_bits: int | None = None
+    activation_bit_options: np.ndarray | None = field(repr=False, default=None)  # (B_a,)
+    activation_contributions: np.ndarray | None = field(repr=False, default=None)  # (P, B_a)
+
+    def avg_activation_bits(self) -> float:
+        """Average bits per activation entry (NaN without activations)."""
+        if self.activation_bits is None:
+            return float("nan")
+        return self.activation_total_bits / float(self.point_sizes.sum())
+
+    def activation_dict(self) -> dict[str, int]:
+        """``{point: bits}`` of the activations (empty without activations)."""
+        if self.activation_bits is None:
+            return {}
+        return {n: int(b) for n, b in zip(self.point_names, self.activation_bits, strict=True)}
 
     def avg_bits(self) -> float:
         """Average bits per weight of the allocation."""
@@ -229,14 +260,29 @@ class BitAllocation:
             table = c.flip_rate if self.objective == "flip_rate" else c.accuracy_loss
             col = {int(b): i for i, b in enumerate(c.bits)}
             contrib = np.array([table[i, col[int(b)]] for i, b in enumerate(self.bits)])
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "layer": list(self.layer_names),
                 "n_weights": self.n_weights,
                 "bits": self.bits,
                 "contribution": contrib,
+                "kind": "weights",
             }
         )
+        if self.activation_bits is None:
+            return frame
+        col = {int(b): i for i, b in enumerate(self.activation_bit_options)}
+        acts = pd.DataFrame(
+            {
+                "layer": list(self.point_names),
+                "n_weights": self.point_sizes,  # entries per sample
+                "bits": self.activation_bits,
+                "contribution": [self.activation_contributions[i, col[int(b)]]
+                                 for i, b in enumerate(self.activation_bits)],  # fmt: skip
+                "kind": "activations",
+            }
+        )
+        return pd.concat([frame, acts], ignore_index=True)
 
 
 # ----------------------------------------------------------------------------- estimator
@@ -981,6 +1027,8 @@ class AccuracyLossEstimator:
         bits: Iterable[int] = range(2, 9),
         objective: Objective = "flip_rate",
         quantizer: UniformQuantizer | None = None,
+        activations: Mapping[int, Any] | None = None,
+        avg_activation_bits: float | None = None,
     ) -> BitAllocation:
         r"""Mixed-precision bits per layer that minimize the predicted loss under a size budget.
 
@@ -995,6 +1043,13 @@ class AccuracyLossEstimator:
         objective : {"flip_rate", "accuracy_loss"}
             What the additive per-layer model sums.
         quantizer : UniformQuantizer, optional
+        activations : mapping of bits to ActivationGrams, optional
+            W+A: the activation Grams of the fitted samples at each allowed activation
+            bit-width (one :func:`~distortion.experiments.activation_grams.activation_grams`
+            call with one grid per bit-width). Each point then gets its own bits too.
+        avg_activation_bits : float, optional
+            With ``activations``: the largest average bits per activation entry (the
+            activations' own budget, weighted by each point's entries per sample).
 
         Returns
         -------
@@ -1006,9 +1061,16 @@ class AccuracyLossEstimator:
         :math:`\sum_\ell f_\ell(b_\ell)`, with :math:`f_\ell(b)` the predicted flip rate of
         layer :math:`\ell` alone at b bits (eq. L13), under
         :math:`\sum_\ell n_\ell b_\ell \le` budget, exactly by dynamic programming
-        (eq. L14); the allocation is then re-evaluated with the full closed form.
+        (eq. L14); the allocation is then re-evaluated with the full closed form. With
+        activations the surrogate adds each point's term :math:`g_p(a_p)` under its own
+        budget :math:`\sum_p m_p a_p \le` ``avg_activation_bits`` :math:`\sum_p m_p`; the
+        two knapsacks separate exactly (``theory/activations.md`` eq. A15), and the
+        re-evaluation has both (eq. A12-A13).
         """
         self._check_fitted(multilayer=True)
+        if (activations is None) != (avg_activation_bits is None):
+            raise ValueError("pass activations (bits -> ActivationGrams) and "
+                             "avg_activation_bits together")  # fmt: skip
         if objective not in ("flip_rate", "accuracy_loss"):
             raise ValueError(f"objective must be 'flip_rate' or 'accuracy_loss', got {objective!r}")
         if objective == "accuracy_loss" and self.grams_.labels is None:
@@ -1036,7 +1098,13 @@ class AccuracyLossEstimator:
         sol = knapsack_allocation(n_w[:, None] * b_arr[None, :], values, int(budget))  # (eq. L14)
         chosen = b_arr[sol.choice]
         names = self.grams_.layer_names
-        pred = self.predict_allocation(dict(zip(names, chosen.tolist(), strict=True)), quantizer=q)
+        act_kw: dict[str, Any] = {}
+        mixed = None
+        if activations is not None:
+            act_kw, mixed = self._allocate_activations(activations, avg_activation_bits,
+                                                       objective)  # fmt: skip
+        pred = self.predict_allocation(dict(zip(names, chosen.tolist(), strict=True)), quantizer=q,
+                                       activations=mixed)  # fmt: skip
         return BitAllocation(
             layer_names=names,
             bits=chosen,
@@ -1049,4 +1117,49 @@ class AccuracyLossEstimator:
             accuracy_loss=pred.accuracy_loss,
             prediction=pred,
             contributions=contrib,
+            **act_kw,
         )
+
+    def _allocate_activations(
+        self, activations: Mapping[int, Any], avg_bits: float, objective: str
+    ) -> tuple[dict[str, Any], Any]:
+        """The activations' knapsack (eq. A15): per point and bit-width the term alone, then
+        the cheapest-loss bits under the activations' budget; returns the BitAllocation
+        fields and the mixed ActivationGrams of the choice."""
+        if not isinstance(activations, Mapping) or not activations:
+            raise ValueError("activations must map activation bits to ActivationGrams")
+        opts = _check_bits_list(list(activations))
+        ags = [activations[int(b)] for b in opts]
+        for b, ag in zip(opts, ags, strict=True):
+            self._activation_terms(ag)
+            if ag.point_names != ags[0].point_names:
+                raise ValueError(f"the activation Grams at {b} bits have other points")
+        if not np.isfinite(avg_bits) or avg_bits <= 0:
+            raise ValueError(f"avg_activation_bits must be a positive number, got {avg_bits!r}")
+        sizes = np.rint(ags[0].point_sizes).astype(np.int64)
+        budget = int(math.floor(avg_bits * int(sizes.sum()) + 1e-9))
+        if budget < int(sizes.sum() * opts.min()):
+            raise ValueError(
+                f"avg_activation_bits={avg_bits} is below the fewest allowed bits "
+                f"({opts.min()}); allow fewer bits or raise it"
+            )
+        zero = [0.0] * self.grams_.n_layers
+        values = np.zeros((len(sizes), opts.size))
+        for j, ag in enumerate(ags):
+            for i, pname in enumerate(ag.point_names):  # each point alone (eq. A15)
+                r = multilayer_distortion(
+                    self.grams_, zero, method=self.method, n_rotations=self.n_rotations,
+                    seed=self.seed, band=False, shift=ag.shift([pname]),
+                    activation_covariance=ag.covariance([pname]),
+                )  # fmt: skip
+                values[i, j] = r.flip_rate if objective == "flip_rate" else r.accuracy_loss
+        sol = knapsack_allocation(sizes[:, None] * opts[None, :], values, budget)
+        chosen = opts[sol.choice]
+        base = ags[int(np.argmax(opts))]
+        pick = {n: activations[int(b)] for n, b in zip(base.point_names, chosen, strict=True)}
+        fields = {
+            "point_names": base.point_names, "activation_bits": chosen, "point_sizes": sizes,
+            "activation_budget_bits": budget, "activation_total_bits": int(sol.total_cost),
+            "activation_bit_options": opts, "activation_contributions": values,
+        }  # fmt: skip
+        return fields, base.mixed(pick)

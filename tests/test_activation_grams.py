@@ -419,3 +419,54 @@ def test_compare_activations_table_splits_and_files(keep_engine, tmp_path):
         compare_activations(net, cal, ev, granularities=["row"], int8_backends=[])
     with pytest.raises(ValueError, match="also evaluation images"):
         compare_activations(net, ev, ev, grid=[(8, 8)], int8_backends=[])
+
+
+def test_allocation_over_weight_and_activation_bits(tmp_path):
+    """allocate(..., activations={bits: Grams}, avg_activation_bits=): the activations'
+    knapsack is the exact optimum of the additive surrogate (brute force), meets its budget,
+    and the allocation is re-evaluated with the chosen grids mixed point by point."""
+    import itertools
+
+    net = tiny_net()
+    x, y = tiny_data(64)
+    g = gradient_grams(net, (x, y), layers=LAYERS, n_realizations=40, cache_dir=tmp_path,
+                       progress=False)  # fmt: skip
+    opts = (3, 5, 8)
+    ags = activation_grams(net, (x, y), {f"A{b}": _cal(net, x[:32], b) for b in opts},
+                           cache_dir=tmp_path, progress=False)  # fmt: skip
+    by_bits = {b: ags[f"A{b}"] for b in opts}
+    sizes = by_bits[8].point_sizes
+    assert sizes.shape == (len(LAYERS),)
+    assert sizes[0] == 3 * 8 * 8  # the first layer's input: one image, 3 x 8 x 8
+    est = AccuracyLossEstimator(quantizer=UniformQuantizer(4)).fit_grams(g)
+    al = est.allocate(avg_bits=6, bits=[4, 8], activations=by_bits, avg_activation_bits=5)
+    assert al.activation_total_bits <= al.activation_budget_bits
+    assert al.avg_activation_bits() <= 5 + 1e-12
+    vals = al.activation_contributions
+    best = np.inf
+    for combo in itertools.product(range(len(opts)), repeat=len(LAYERS)):
+        cost = sum(sizes[i] * opts[c] for i, c in enumerate(combo))
+        if cost <= al.activation_budget_bits:
+            best = min(best, sum(vals[i, c] for i, c in enumerate(combo)))
+    col = {b: j for j, b in enumerate(opts)}
+    got = sum(vals[i, col[int(b)]] for i, b in enumerate(al.activation_bits))
+    assert got == pytest.approx(best, rel=1e-12, abs=1e-15)
+    # each term is that point alone at those bits
+    p0 = al.point_names[0]
+    alone = multilayer_distortion(g, [0.0] * len(LAYERS), band=False, seed=est.seed,
+                                  activation_covariance=by_bits[3].covariance([p0]),
+                                  shift=by_bits[3].shift([p0]))  # fmt: skip
+    assert vals[0, 0] == pytest.approx(alone.flip_rate)
+    # the re-evaluation: every point at its chosen grid
+    mixed = by_bits[8].mixed({n: by_bits[int(b)] for n, b in al.activation_dict().items()})
+    again = est.predict_allocation(al.as_dict(), activations=mixed)
+    assert al.flip_rate == pytest.approx(again.flip_rate)
+    for i, b in enumerate(al.activation_dict().values()):
+        np.testing.assert_array_equal(mixed.covariances[:, i], by_bits[b].covariances[:, i])
+    frame = al.to_frame()
+    assert list(frame["kind"].unique()) == ["weights", "activations"]
+    assert len(frame) == 2 * len(LAYERS)
+    with pytest.raises(ValueError, match="together"):
+        est.allocate(avg_bits=6, bits=[4, 8], activations=by_bits)
+    with pytest.raises(ValueError, match="below the fewest allowed bits"):
+        est.allocate(avg_bits=6, bits=[4, 8], activations=by_bits, avg_activation_bits=2)

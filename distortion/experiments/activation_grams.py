@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 Where = Literal["input", "output"]
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: meta['point_sizes']
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +208,36 @@ class ActivationGrams:
         if self.actual_shifts is None:
             raise ValueError("these activation Grams hold no actual shifts; recompute them")
         return self.actual_shifts[:, self._points(points)].astype(np.float64).sum(axis=1)
+
+    @property
+    def point_sizes(self) -> np.ndarray:
+        """Entries of each point per sample, shape (P,) (the size of an activation)."""
+        sizes = self.meta.get("point_sizes")
+        if sizes is None or len(sizes) != len(self.point_names):
+            raise ValueError("these activation Grams do not record their points' sizes: "
+                             "recompute them (activation_grams)")  # fmt: skip
+        return np.asarray(sizes, dtype=np.float64)
+
+    def mixed(self, choice: Mapping[str, ActivationGrams]) -> ActivationGrams:
+        """These Grams with the points named in ``choice`` taken from other Grams of the same
+        points and samples (another grid at those points: mixed activation bits)."""
+        cov, sh = self.covariances.copy(), self.shifts.copy()
+        act = None if self.actual_shifts is None else self.actual_shifts.copy()
+        zs, cs = self.zero_share.copy(), self.clipped_share.copy()
+        for name, other in choice.items():
+            if other.point_names != self.point_names or other.logits.shape != self.logits.shape:
+                raise ValueError(f"the Grams chosen for point {name!r} have other points or "
+                                 "samples; compute every grid in one activation_grams call")
+            i = self._points([name])[0]
+            cov[:, i], sh[:, i] = other.covariances[:, i], other.shifts[:, i]
+            if act is not None and other.actual_shifts is not None:
+                act[:, i] = other.actual_shifts[:, i]
+            zs[i], cs[i] = other.zero_share[i], other.clipped_share[i]
+        return ActivationGrams(
+            point_names=self.point_names, logits=self.logits, covariances=cov, shifts=sh,
+            labels=self.labels, actual_shifts=act, zero_share=zs, clipped_share=cs,
+            config=f"{self.config} (mixed)", key=f"{self.key}:mixed", meta=self.meta,
+        )  # fmt: skip
 
     def variance_share(self) -> np.ndarray:
         """Share of each point in the total logit noise energy (trace of C_p summed over
@@ -563,6 +593,7 @@ def _compute(
             "seconds": time.perf_counter() - t0,
             "backward_passes": int(k),
             "batch_size": int(batch_size),
+            "point_sizes": (np.asarray(counts) / max(sum(len(a) for a in out_z), 1)).tolist(),
         },
     }
 
