@@ -46,7 +46,7 @@ def split_images(n_eval: int, n_cal: int = 500):
     return cal, ev
 
 
-def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool):
+def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool, dither: int = 0):
     """One model: :func:`distortion.experiments.compare_activations.compare_activations`
     (the function of ``distortion run --config experiments/activations.toml``), printed and
     saved under ``out/<name>``."""
@@ -55,7 +55,7 @@ def run_model(name: str, cal, ev, out: Path, cache_dir, progress: bool):
 
     t0 = time.perf_counter()
     st = compare_activations(load_model(name), cal, ev, model_name=name, grid=GRID,
-                             cache_dir=cache_dir, progress=progress)  # fmt: skip
+                             n_dither=dither, cache_dir=cache_dir, progress=progress)  # fmt: skip
     print(f"\n== {name} ({time.perf_counter() - t0:.0f} s)")
     print(st.summary())
     for key, split in st.splits.items():
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--dither", type=int, default=0, metavar="R",
+                    help="runs of level 3N for the activations per grid cell (default 0)")
     args = ap.parse_args(argv)
     cal, ev = split_images(args.n)
     from distortion.experiments.activation_grams import check_disjoint
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.experiments.compare_activations import ActivationStudy
 
     st = ActivationStudy.concat(
-        [run_model(m, cal, ev, args.out, args.cache_dir, args.progress) for m in args.models]
+        [run_model(m, cal, ev, args.out, args.cache_dir, args.progress, args.dither)
+         for m in args.models]
     )
     cov, miss = st.coverage()
     print(f"\nband coverage over the cells with measured flip rate <= 20 %: {cov:.3f}; "

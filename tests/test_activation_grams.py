@@ -470,3 +470,25 @@ def test_allocation_over_weight_and_activation_bits(tmp_path):
         est.allocate(avg_bits=6, bits=[4, 8], activations=by_bits)
     with pytest.raises(ValueError, match="below the fewest allowed bits"):
         est.allocate(avg_bits=6, bits=[4, 8], activations=by_bits, avg_activation_bits=2)
+
+
+def test_dithered_activations_follow_the_error_model():
+    """activation_error="dither" (level 3N for the activations) draws eq. A5: zeros kept,
+    clipped entries at the outer level, uniform errors of one step elsewhere."""
+    from distortion.experiments.activation_grams import _dithered
+
+    x = torch.relu(torch.randn(4000, 6, generator=torch.Generator().manual_seed(3)))
+    q = ActivationQuantizer(4).calibrate(x[:100])
+    e = _dithered(x, q, torch.Generator().manual_seed(0)) - x
+    lo, hi, d = float(q.lo), float(q.hi), float(q.step)
+    zero, clip = x == 0, x >= hi
+    assert torch.all(e[zero] == 0) and clip.any()
+    assert torch.allclose(e[clip], hi - x[clip])
+    inside = ~zero & (x > lo) & (x < hi)
+    ei = e[inside].double() / d
+    assert ei.abs().max() <= 0.5 + 1e-6
+    n = ei.numel()
+    assert abs(float(ei.mean())) < 4 * (1 / 12) ** 0.5 / n**0.5  # mean 0
+    assert float(ei.var()) == pytest.approx(1 / 12, rel=0.05)
+    again = _dithered(x, q, torch.Generator().manual_seed(0))
+    assert torch.equal(again, e + x)  # seeded

@@ -897,6 +897,8 @@ def measure_quantized(
     batch_size: int = 250,
     confidence_level: float = 0.95,
     progress: bool = True,
+    activation_error: Literal["round", "dither"] = "round",
+    seed: int = 0,
 ) -> QuantizedMeasurement:
     r"""Measure a model with quantized weights, activations or both, or a real int8 model.
 
@@ -915,6 +917,15 @@ def measure_quantized(
         A real quantized model run instead (``weights`` and ``activations`` must be None).
     config : str
         Label of the result.
+    activation_error : {"round", "dither"}
+        ``"round"``: the activations are rounded (the deployment). ``"dither"``: the error
+        model of eq. A5 itself run through the real, nonlinear network (level 3N for the
+        activations): exact zeros stay, entries beyond the outer levels are clipped, every
+        other entry gets a fresh :math:`U(-\Delta/2, \Delta/2)` error (seeded by ``seed``).
+        Against the measurement it tests the error model; against the first-order
+        prediction, the linearization.
+    seed : int
+        Seed of the dither.
 
     Returns
     -------
@@ -954,23 +965,49 @@ def measure_quantized(
             qmodel, _ = quantize_model(model, weights, layers, input_shape=(1, *x0.shape[1:]))
             qmodel.eval()
         handles = []
+        if activation_error not in ("round", "dither"):
+            raise ValueError(f"activation_error must be 'round' or 'dither', got "
+                             f"{activation_error!r}")  # fmt: skip
+        gen = torch.Generator().manual_seed(int(seed))
+
+        def err(t: Any, qp: ActivationQParams) -> Any:
+            if activation_error == "round":
+                return fake_quantize(t, qp)
+            return _dithered(t, qp, gen)
+
         if activations:
             for name, qp in activations.items():
                 mod = _hooked(qmodel, name, where)
                 if where == "input":
                     handles.append(mod.register_forward_pre_hook(
-                        lambda m, a, qp=qp: (fake_quantize(a[0], qp), *a[1:])
+                        lambda m, a, qp=qp: (err(a[0], qp), *a[1:])
                     ))  # fmt: skip
                 else:
-                    handles.append(
-                        mod.register_forward_hook(lambda m, a, o, qp=qp: fake_quantize(o, qp))
-                    )
+                    handles.append(mod.register_forward_hook(lambda m, a, o, qp=qp: err(o, qp)))
         try:
             zq = run(qmodel)
         finally:
             for h in handles:
                 h.remove()
         return _summary(config, zf, zq, labels, c)
+
+
+def _dithered(t: Any, qp: ActivationQParams, gen: Any) -> Any:
+    """The error model of eq. A5 applied to ``t``: zeros kept, clipped beyond the outer
+    levels, a fresh uniform error of one step on every other entry."""
+    import torch
+
+    shape = [1] * t.dim()
+    if qp.granularity == "channel":
+        shape[qp.channel_axis] = -1
+
+    def as_t(a: np.ndarray) -> Any:
+        return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=t.dtype).reshape(shape)
+
+    lo, hi, step = as_t(qp.lo), as_t(qp.hi), as_t(qp.step)
+    inside = (t > lo) & (t < hi) & (t != 0)
+    u = torch.rand(t.shape, generator=gen, dtype=t.dtype) - 0.5
+    return torch.where(inside, t + u * step, torch.clamp(t, lo, hi))
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ ACTIVATION_COLUMNS: dict[str, str] = {
     "activation_noise_share": "share of the logit noise energy that the activations carry",
     "L2A_flip_rate": "level 2A: the float network's actual activation error, linearized (A14)",
     "L2A_in_band": "measured flip rate inside the level-2A band",
+    "L3NA_flip_rate": "level 3N for the activations: the error model of eq. A5 drawn in the real "
+    "nonlinear network (zeros kept, clipping, uniform errors), mean over the dither runs",
+    "L3NA_flip_rate_sd": "standard deviation of that flip rate over the dither runs",
     "simulated_flips": "int8 rows: flips of the toolkit's fake-quantized copy of the int8 grids",
     "points": "activation rounding points",
 }
@@ -114,6 +117,8 @@ class ActivationStudy:
             "weights %": 100 * t["weights_alone"], "activations %": 100 * t["activations_alone"],
             "L2A %": 100 * t["L2A_flip_rate"],
         })  # fmt: skip
+        if t["L3NA_flip_rate"].notna().any():
+            rows["3N-A %"] = 100 * t["L3NA_flip_rate"]
         cov, miss = self.coverage()
         text = rows.to_string(index=False, float_format=lambda v: f"{v:.2f}")
         return (
@@ -188,6 +193,7 @@ def compare_activations(
     granularities: Sequence[str] = ("tensor", "channel"),
     int8_backends: Sequence[str] = ("x86",),
     n_realizations: int = 40,
+    n_dither: int = 0,
     seed: int = 0,
     cache_dir: Any = None,
     progress: bool = True,
@@ -211,6 +217,10 @@ def compare_activations(
         torch.ao backends whose real int8 model is measured and predicted (empty: none).
     n_realizations : int
         Cached weight realizations behind the bands.
+    n_dither : int
+        Runs of level 3N for the activations per grid cell (0: none): the activation error
+        model drawn in the real network, the weights rounded as measured. 3N against the
+        measurement tests the error model, the first order against 3N the linearization.
     seed : int
     cache_dir : path, optional
         Where the weight and activation Grams are cached.
@@ -287,6 +297,13 @@ def compare_activations(
                 pred = est.predict_allocation(alloc, quantizer=wq, activations=ags[c])
                 p2 = multilayer_distortion(wg, v, shift=ags[c].actual_shift(), seed=seed)
                 b2 = p2.flip_band()
+                dith = [
+                    measure_quantized(model, evaluation, weights=wq, layers="all",
+                                      activations=cfgs[c].qparams, where="input",
+                                      activation_error="dither", seed=seed + 7919 * r,
+                                      progress=False).flip_rate
+                    for r in range(n_dither)
+                ]  # fmt: skip
                 split = weight_activation_split(wg, v, ags[c], seed=seed)
                 cell = f"W{wb}A{ab} {g}"
                 splits[f"{model_name} {cell}"] = split
@@ -294,6 +311,8 @@ def compare_activations(
                     model_name, cell, meas, pred, split, weight_bits=wb, activation_bits=ab,
                     granularity=g, L2A_flip_rate=p2.flip_rate,
                     L2A_in_band=bool(b2.low <= meas.flip_rate <= b2.high),
+                    L3NA_flip_rate=float(np.mean(dith)) if dith else np.nan,
+                    L3NA_flip_rate_sd=float(np.std(dith, ddof=1)) if n_dither > 1 else np.nan,
                     points=len(ags[c].point_names),
                 ))  # fmt: skip
     table = pd.DataFrame(rows)
