@@ -43,7 +43,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,17 +55,10 @@ OUT_DIR = ROOT / "experiments" / "results" / "compression"
 
 
 def grid(model, names: list[str], *, quick: bool = False) -> list[tuple[str, float, object]]:
-    """The (family, strength, compressor) configurations of the study."""
-    from distortion.compressors import (
-        Compose,
-        KMeansQuantizer,
-        LowRank,
-        MagnitudePruner,
-        NonUniformQuantizer,
-        ResidualExpansion,
-    )
-    from distortion.experiments.models import get_layer
-    from distortion.quantize import UniformQuantizer
+    """The (family, strength, compressor) configurations of the study
+    (:func:`~distortion.experiments.compare_compression.compression_grid`)."""
+    from distortion.compressors import KMeansQuantizer, LowRank, MagnitudePruner
+    from distortion.experiments.compare_compression import compression_grid
 
     if quick:
         return [
@@ -74,31 +66,7 @@ def grid(model, names: list[str], *, quick: bool = False) -> list[tuple[str, flo
             ("svd-energy", 0.9, LowRank(energy=0.9)),
             ("kmeans", 16, KMeansQuantizer(16)),
         ]
-    sparsity = [round(0.1 * i, 1) for i in range(1, 10)]
-    out: list[tuple[str, float, object]] = []
-    out += [("prune-layer", s, MagnitudePruner(s)) for s in sparsity]
-    out += [("prune-global", s, MagnitudePruner(s, scope="global")) for s in sparsity]
-    nm = MagnitudePruner(None, pattern="n:m", n=2, m=4)
-    fits = {k: nm for k in names if int(np.prod(get_layer(model, k).weight.shape[1:])) % 4 == 0}
-    out.append(("prune-2:4", 0.5, fits))
-    out += [
-        ("prune-filter", s, MagnitudePruner(s, pattern="filter")) for s in (0.1, 0.2, 0.3, 0.4, 0.5)
-    ]
-    out += [
-        ("svd-energy", e, LowRank(energy=e))
-        for e in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-    ]
-    out += [("kmeans", k, KMeansQuantizer(k)) for k in (4, 8, 16, 32, 64)]
-    for g in ("power", "log2"):
-        out += [(g, b, NonUniformQuantizer(b, grid=g, granularity="channel")) for b in range(3, 9)]
-    out.append(("nf4", 4, NonUniformQuantizer(4, grid="nf4", granularity="channel")))
-    for order in (1, 2, 3):
-        out += [
-            (f"rex-o{order}", b, ResidualExpansion(b, order=order, granularity="channel"))
-            for b in (2, 3, 4)
-        ]
-    out.append(("prune50+uniform4", 0.5, Compose(MagnitudePruner(0.5), UniformQuantizer(4))))
-    return out
+    return compression_grid(model, names)
 
 
 def evaluation_images(n: int):

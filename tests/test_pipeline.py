@@ -166,6 +166,8 @@ def test_config_defaults_match_the_default_file():
         ("[activations]\ngrid = ['W8A1']", "W\\+A cells like"),
         ("[activations]\nint8 = ['tensorrt']", "activations.int8 must be one of"),
         ("[activations]\nn = -1", "activations.n must be an integer >= 0"),
+        ("[compression]\nfamilies = ['prune']", "compression.families must be one of"),
+        ("[compression]\nmax_flip_rate = 0", "compression.max_flip_rate must be a number"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, match):
@@ -289,3 +291,34 @@ def test_activation_stage_runs_alone(real_data, tmp_path, capsys):
     assert (t["band_low"] <= t["band_high"]).all()
     assert not (out / "comparison.csv").exists()  # no weight-only stage ran
     assert (out / "activations" / "activations_split_resnet20_W8A4_tensor.json").is_file()
+
+
+def test_the_compression_config_parses():
+    from distortion.experiments import _paths
+    from distortion.experiments.compare_compression import COMPRESSION_FAMILIES
+
+    cfg = ExperimentConfig.from_toml(_paths.repo_root() / "experiments" / "compression.toml")
+    assert cfg.stages == ("compression",) and cfg.compression_n == 500
+    assert cfg.compression_families == COMPRESSION_FAMILIES
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_compression_stage_runs_alone(real_data, tmp_path, capsys):
+    cfg = tmp_path / "comp.toml"
+    cfg.write_text(
+        'name = "comp"\nstages = ["compression"]\n[data]\nn = 400\n[models]\n'
+        'names = ["resnet20"]\n[compression]\nn = 40\nfamilies = ["prune-filter", "nf4"]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet", "--no-figures"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "compression families" in printed and "prune-filter" in printed
+    t = pd.read_csv(out / "compression" / "compression.csv")
+    assert sorted(set(t["family"])) == ["nf4", "prune-filter"]
+    assert len(t) == 5 + 1 and (t["n_eval"] == 40).all()
+    assert t["measured_flip_rate"].between(0, 1).all()
+    s = pd.read_csv(out / "compression" / "compression_summary.csv")
+    assert set(s["family"]) == {"nf4", "prune-filter"}
+    assert not (out / "comparison.csv").exists()

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     except StageError as exc:
         print(f"distortion run: {exc}", file=sys.stderr)
         return 1
-    if result.comparison is None and result.activations is None:  # a rank > 0 reports nothing
+    if result.comparison is None and result.activations is None and result.compression is None:
         return 0
     print((result.out_dir / "summary.txt").read_text(), end="")
     print(f"results in {result.out_dir} ({time.perf_counter() - t0:.0f} s)")

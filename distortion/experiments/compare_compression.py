@@ -64,8 +64,10 @@ __all__ = [
     "COMPRESSION_COLUMNS",
     "CompressionCell",
     "compare_compression",
+    "COMPRESSION_FAMILIES",
     "compress_layers",
     "compressed_model",
+    "compression_grid",
     "compression_summary",
     "compressor_settings",
     "measure_compressed",
@@ -545,3 +547,75 @@ def compression_summary(comparison: Comparison, *, max_flip_rate: float = 0.2) -
             "linear_breaks_at": first(~g["_lin_ok"]),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+#: The families of :func:`compression_grid` (the study of issue 13), in its order.
+COMPRESSION_FAMILIES: tuple[str, ...] = (
+    "prune-layer", "prune-global", "prune-2:4", "prune-filter", "svd-energy", "kmeans",
+    "power", "log2", "nf4", "rex-o1", "rex-o2", "rex-o3", "prune50+uniform4",
+)  # fmt: skip
+
+
+def compression_grid(
+    model: Any, names: Sequence[str], families: Sequence[str] | None = None
+) -> list[tuple[str, float, Any]]:
+    """The (family, strength, compressor) configurations of the compression study.
+
+    * ``prune-layer`` / ``prune-global``: unstructured magnitude pruning, sparsity 0.1..0.9,
+      per layer or one global ranking;
+    * ``prune-2:4``: 2:4 along the input dimension, on every layer whose rows have a multiple
+      of 4 entries (the others stay float);
+    * ``prune-filter``: output channels by L1 norm, 0.1..0.5 of the filters of every layer;
+    * ``svd-energy``: truncated SVD keeping 0.3..0.9, 0.95, 0.99 of the energy;
+    * ``kmeans``: weight sharing with 4..64 clusters per layer;
+    * ``power`` / ``log2``: non-uniform grids per channel, 3..8 bits; ``nf4``: 4 bits;
+    * ``rex-o<K>``: residual expansion of order K = 1..3 with 2..4-bit per-channel terms;
+    * ``prune50+uniform4``: 50 % unstructured pruning, then 4-bit symmetric rounding.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The float network (to see which layers 2:4 fits).
+    names : sequence of str
+        The compressed layers.
+    families : sequence of str, optional
+        Only these (default all of :data:`COMPRESSION_FAMILIES`).
+    """
+    from distortion.compressors import (
+        Compose,
+        KMeansQuantizer,
+        LowRank,
+        MagnitudePruner,
+        NonUniformQuantizer,
+        ResidualExpansion,
+    )
+    from distortion.experiments.models import get_layer
+    from distortion.quantize import UniformQuantizer
+
+    wanted = COMPRESSION_FAMILIES if families is None else tuple(families)
+    unknown = [f for f in wanted if f not in COMPRESSION_FAMILIES]
+    if unknown or not wanted:
+        raise ValueError(f"unknown compression families {unknown}; choose from "
+                         f"{', '.join(COMPRESSION_FAMILIES)}")  # fmt: skip
+    sparsity = [round(0.1 * i, 1) for i in range(1, 10)]
+    out: list[tuple[str, float, Any]] = []
+    out += [("prune-layer", s, MagnitudePruner(s)) for s in sparsity]
+    out += [("prune-global", s, MagnitudePruner(s, scope="global")) for s in sparsity]
+    if "prune-2:4" in wanted:
+        nm = MagnitudePruner(None, pattern="n:m", n=2, m=4)
+        fits = {k: nm for k in names
+                if int(np.prod(get_layer(model, k).weight.shape[1:])) % 4 == 0}  # fmt: skip
+        out.append(("prune-2:4", 0.5, fits))
+    out += [("prune-filter", s, MagnitudePruner(s, pattern="filter"))
+            for s in (0.1, 0.2, 0.3, 0.4, 0.5)]  # fmt: skip
+    out += [("svd-energy", e, LowRank(energy=e))
+            for e in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)]  # fmt: skip
+    out += [("kmeans", k, KMeansQuantizer(k)) for k in (4, 8, 16, 32, 64)]
+    for g in ("power", "log2"):
+        out += [(g, b, NonUniformQuantizer(b, grid=g, granularity="channel")) for b in range(3, 9)]
+    out.append(("nf4", 4, NonUniformQuantizer(4, grid="nf4", granularity="channel")))
+    for order in (1, 2, 3):
+        out += [(f"rex-o{order}", b, ResidualExpansion(b, order=order, granularity="channel"))
+                for b in (2, 3, 4)]  # fmt: skip
+    out.append(("prune50+uniform4", 0.5, Compose(MagnitudePruner(0.5), UniformQuantizer(4))))
+    return [c for c in out if c[0] in wanted]

@@ -67,7 +67,7 @@ class Problem:
 #: Sections and keys of a configuration file (``""``: the top level), for error messages.
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "stages", "data", "models", "quantizer", "last_layer", "all_layers",
-         "hypotheses", "activations"),
+         "hypotheses", "activations", "compression"),
     "data": ("source", "n", "fit_fraction", "seed"),
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
@@ -75,11 +75,12 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "all_layers": ("bits", "n", "dither_realizations", "competitors"),
     "hypotheses": ("bits", "n_components", "layers"),
     "activations": ("n", "calibration", "grid", "granularity", "int8"),
+    "compression": ("n", "families", "max_flip_rate"),
 }
 
 #: The stages a configuration may run (``stages``; default all of them). The activation stage
 #: runs only where ``activations.n > 0``, the all-layer stage where ``all_layers.n > 0``.
-STAGES = ("hypotheses", "last_layer", "all_layers", "activations")
+STAGES = ("hypotheses", "last_layer", "all_layers", "activations", "compression")
 
 #: Backends whose real int8 model the activation stage may convert (torch.ao).
 INT8_BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
@@ -100,7 +101,9 @@ _TOML_KEY: dict[str, str] = {
     "hypotheses_layers": "hypotheses.layers", "stages": "stages",
     "activations_n": "activations.n", "activations_calibration": "activations.calibration",
     "activations_grid": "activations.grid", "activations_granularity": "activations.granularity",
-    "activations_int8": "activations.int8",
+    "activations_int8": "activations.int8", "compression_n": "compression.n",
+    "compression_families": "compression.families",
+    "compression_max_flip_rate": "compression.max_flip_rate",
 }  # fmt: skip
 
 
@@ -224,6 +227,9 @@ class ExperimentConfig:
     activations_grid: tuple[str, ...] = ("W8A8", "W6A6", "W4A8", "W8A4", "W4A4")
     activations_granularity: tuple[str, ...] = ("tensor", "channel")
     activations_int8: tuple[str, ...] = ("x86",)
+    compression_n: int = 0
+    compression_families: tuple[str, ...] | None = None  # None: every family
+    compression_max_flip_rate: float = 0.2
     source_file: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -325,6 +331,21 @@ class ExperimentConfig:
         for b in i8:
             _check_choice(k["activations_int8"], b, INT8_BACKENDS)
         set_(self, "activations_int8", tuple(i8))
+        _check_int(k["compression_n"], self.compression_n, 0,
+                   " (evaluation images; 0 skips the compression stage)")  # fmt: skip
+        if self.compression_families is not None:
+            from distortion.experiments.compare_compression import COMPRESSION_FAMILIES
+
+            fams = _check_list(k["compression_families"], self.compression_families,
+                               '["prune-layer", "svd-energy"]')  # fmt: skip
+            for f in fams:
+                _check_choice(k["compression_families"], f, COMPRESSION_FAMILIES)
+            set_(self, "compression_families", tuple(fams))
+        mf = self.compression_max_flip_rate
+        if not isinstance(mf, float | int) or isinstance(mf, bool) or not 0.0 < mf <= 1.0:
+            raise ValueError(f"{k['compression_max_flip_rate']} must be a number in (0, 1], "
+                             f"got {mf!r}")  # fmt: skip
+        set_(self, "compression_max_flip_rate", float(mf))
         if self.activations_n and not grid and not i8:
             raise ValueError(f"{k['activations_grid']} and {k['activations_int8']} are both "
                              "empty: name W+A cells or an int8 backend")  # fmt: skip
@@ -386,7 +407,8 @@ class ExperimentConfig:
         if "problems" in kw:
             kw["problems"] = _problems(kw["problems"])
         for key in ("granularity", "last_layer_bits", "all_layers_bits", "hypotheses_bits",
-                    "stages", "activations_grid", "activations_granularity", "activations_int8"):
+                    "stages", "activations_grid", "activations_granularity", "activations_int8",
+                    "compression_families"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -470,6 +492,8 @@ class ExperimentResult:
     accuracies: dict[str, float] = field(repr=False)
     #: The activation stage's ActivationStudy (None when it did not run).
     activations: Any = field(default=None, repr=False)
+    #: The compression stage's Comparison (None when it did not run).
+    compression: Any = field(default=None, repr=False)
 
     def to_frame(self) -> pd.DataFrame:
         """The comparison table."""
@@ -756,13 +780,14 @@ def run_experiment(
     features = "hypotheses" in st or "last_layer" in st
     all_layers = config.all_layers_n > 0 and "all_layers" in st
     act_stage = config.activations_n > 0 and "activations" in st
+    comp_stage = config.compression_n > 0 and "compression" in st
     n_stages = len(config.models) * (
-        2 + ("hypotheses" in st) + ("last_layer" in st) + all_layers + act_stage
+        2 + ("hypotheses" in st) + ("last_layer" in st) + all_layers + act_stage + comp_stage
     ) + 1 + figures
     stage = _Stages(n_stages, stream if main else io.StringIO())  # rank 0 prints
     progress = progress and main
     competitors = config.all_layers_competitors
-    parts, accuracies, verdicts, act_parts = [], {}, [], []
+    parts, accuracies, verdicts, act_parts, comp_parts = [], {}, [], [], []
     with stage("load data"):
         source = _resolve_source(config.data_source, data)
         if config.data_source == "imagenet" and source != "imagenet":
@@ -878,17 +903,25 @@ def run_experiment(
             with stage(f"{name}: activations (W+A, int8), predicted vs measured"):
                 act_parts.append(_activation_stage(config, model, name, dataset, first, cache,
                                                    progress, stage))  # fmt: skip
+        if main and comp_stage:
+            with stage(f"{name}: compression families, predicted vs measured"):
+                comp_parts.append(_compression_stage(config, model, name, dataset, first, cache,
+                                                     progress))  # fmt: skip
         if main:
             with stage(f"{name}: write tables"):
                 if parts:
                     Comparison.concat(parts).save(out)
                 if act_parts:
                     ActivationStudy.concat(act_parts).save(out / "activations", figures=False)
+                if comp_parts:
+                    _save_compression(Comparison.concat(comp_parts), out / "compression",
+                                      config.compression_max_flip_rate)  # fmt: skip
     if not main:
         D.shutdown_distributed()
         return ExperimentResult(config, out, None, stage.timings, accuracies)
     activations = ActivationStudy.concat(act_parts) if act_parts else None
-    if not any(len(p.table) for p in parts) and activations is None:
+    compression = Comparison.concat(comp_parts) if comp_parts else None
+    if not any(len(p.table) for p in parts) and activations is None and compression is None:
         raise StageError(
             "no cell was computed: every last-layer problem and all-layer stage was skipped ("
             + "; ".join(f"{k}: {v}" for k, v in stage.skipped.items())
@@ -903,6 +936,8 @@ def run_experiment(
                 save_comparison_figures(comparison, out / "figures")
             if activations is not None:
                 activations.save(out / "activations", figures=True)
+            if compression is not None:
+                save_comparison_figures(compression, out / "compression" / "figures")
     verdict_table = pd.concat(verdicts, ignore_index=True) if verdicts else None
     if verdict_table is not None:
         if "bits" in verdict_table:  # integers, empty for the H_G rows (not 2.0)
@@ -911,6 +946,9 @@ def run_experiment(
     text = "" if comparison is None else summary_table(comparison, accuracies, verdict_table)
     if activations is not None:
         text += ("\n\n" if text else "") + "activations (W+A, int8):\n" + activations.summary()
+    if compression is not None:
+        text += ("\n\n" if text else "") + _compression_text(compression,
+                                                               config.compression_max_flip_rate)
     if stage.skipped:
         text += "\n" + "\n".join(f"skipped: {k}: {v}" for k, v in stage.skipped.items())
     (out / "summary.txt").write_text(text + "\n")
@@ -919,7 +957,8 @@ def run_experiment(
     write_column_dictionary(out / "columns.md")
     if distributed:
         D.shutdown_distributed()
-    return ExperimentResult(config, out, comparison, stage.timings, accuracies, activations)
+    return ExperimentResult(config, out, comparison, stage.timings, accuracies, activations,
+                            compression)
 
 
 def _activation_stage(
@@ -950,6 +989,44 @@ def _activation_stage(
         granularities=config.activations_granularity, int8_backends=backends,
         seed=config.seed, cache_dir=cache, progress=progress,
     )  # fmt: skip
+
+
+def _compression_stage(
+    config: ExperimentConfig, model: Any, name: str, dataset: Any, first: np.ndarray,
+    cache: Any, progress: bool,
+) -> Any:
+    """The compression stage of one model: every family of ``compression.families`` on the
+    first ``compression.n`` images of the evaluation part, all layers
+    (:func:`~distortion.experiments.compare_compression.compare_compression`)."""
+    from distortion.experiments.compare_compression import compare_compression, compression_grid
+    from distortion.experiments.models import quantizable_layers
+
+    images = _evaluation_images(dataset, ~first, config.compression_n)
+    shape = (1, *tuple(images[0][0].shape))  # one preprocessed image
+    names = [layer.name for layer in quantizable_layers(model, input_shape=shape)]
+    configs = compression_grid(model, names, config.compression_families)
+    return compare_compression(model, images, configs, model_name=name, cache_dir=cache,
+                               seed=config.seed, progress=progress)  # fmt: skip
+
+
+def _compression_text(comparison: Any, max_flip_rate: float) -> str:
+    from distortion.experiments.compare_compression import compression_summary
+
+    s = compression_summary(comparison, max_flip_rate=max_flip_rate)
+    with pd.option_context("display.width", 220, "display.max_rows", 500):
+        body = s.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    return f"compression families (cells with measured flip rate <= {max_flip_rate:g}):\n{body}"
+
+
+def _save_compression(comparison: Any, out: Path, max_flip_rate: float) -> None:
+    from distortion.experiments.compare_compression import compression_summary
+
+    comparison.save(out, name="compression")
+    compression_summary(comparison, max_flip_rate=max_flip_rate).to_csv(
+        out / "compression_summary.csv", index=False
+    )
+    (out / "compression_summary.txt").write_text(_compression_text(comparison, max_flip_rate)
+                                                 + "\n")  # fmt: skip
 
 
 def _write_run_json(
