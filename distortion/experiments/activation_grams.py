@@ -992,22 +992,32 @@ def measure_quantized(
         return _summary(config, zf, zq, labels, c)
 
 
-def _dithered(t: Any, qp: ActivationQParams, gen: Any) -> Any:
-    """The error model of eq. A5 applied to ``t``: zeros kept, clipped beyond the outer
-    levels, a fresh uniform error of one step on every other entry."""
+def _a5_noise(t: Any, qp: ActivationQParams, gen: Any) -> tuple[Any, Any, Any]:
+    """One draw of the noise part of eq. A5 on ``t``: a fresh U(-step/2, step/2) on the
+    entries that are neither exact zeros nor beyond the outer levels, 0 elsewhere; with the
+    outer levels (broadcast like ``t``)."""
     import torch
 
     shape = [1] * t.dim()
     if qp.granularity == "channel":
         shape[qp.channel_axis] = -1
 
-    def as_t(a: np.ndarray) -> Any:
+    def as_t(a: Any) -> Any:
         return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=t.dtype).reshape(shape)
 
     lo, hi, step = as_t(qp.lo), as_t(qp.hi), as_t(qp.step)
     inside = (t > lo) & (t < hi) & (t != 0)
     u = torch.rand(t.shape, generator=gen, dtype=t.dtype) - 0.5
-    return torch.where(inside, t + u * step, torch.clamp(t, lo, hi))
+    return torch.where(inside, u * step, torch.zeros_like(t)), lo, hi
+
+
+def _dithered(t: Any, qp: ActivationQParams, gen: Any) -> Any:
+    """The error model of eq. A5 applied to ``t``: zeros kept, clipped beyond the outer
+    levels, a fresh uniform error of one step on every other entry."""
+    import torch
+
+    noise, lo, hi = _a5_noise(t, qp, gen)
+    return torch.clamp(t, lo, hi) + noise
 
 
 # ---------------------------------------------------------------------------------------

@@ -73,18 +73,10 @@ class _ReluMode(TorchFunctionMode):
 
 
 def _noise(t: torch.Tensor, qp: ActivationQParams, gen: torch.Generator) -> torch.Tensor:
-    """A draw of eq. A5's noise part: U(-step/2, step/2) on entries neither 0 nor clipped."""
-    shape = [1] * t.dim()
-    if qp.granularity == "channel":
-        shape[qp.channel_axis] = -1
+    """A draw of eq. A5's noise part (the one rule, in ``activation_grams._a5_noise``)."""
+    from distortion.experiments.activation_grams import _a5_noise
 
-    def as_t(a: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=t.dtype).reshape(shape)
-
-    lo, hi, step = as_t(qp.lo), as_t(qp.hi), as_t(qp.step)
-    inside = (t > lo) & (t < hi) & (t != 0)
-    u = torch.rand(t.shape, generator=gen, dtype=t.dtype) - 0.5
-    return torch.where(inside, u * step, torch.zeros_like(t))
+    return _a5_noise(t, qp, gen)[0]
 
 
 def relu_curvature_shift(
