@@ -9,11 +9,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from distortion.activations import ActivationQParams  # noqa: E402
-from distortion.experiments.curvature import (  # noqa: E402
-    _noise,
-    relu_bias,
-    relu_curvature_shift,
-)
+from distortion.experiments.activation_grams import _a5_noise  # noqa: E402
+from distortion.experiments.curvature import relu_bias, relu_curvature_shift  # noqa: E402
 
 
 def test_relu_bias_is_the_gaussian_expectation():
@@ -61,7 +58,7 @@ def test_shift_matches_a_monte_carlo_of_the_nonlinear_mean():
         acc2 = torch.zeros_like(z0)
         m = 10_000
         for _ in range(m):
-            d = net(x + _noise(x, qp, gen)) - z0
+            d = net(x + _a5_noise(x, qp, gen)[0]) - z0
             acc += d
             acc2 += d * d
     mc = (acc / m).numpy()

@@ -237,7 +237,6 @@ def compare_activations(
         check_disjoint,
         int8_reference,
         measure_quantized,
-        weight_activation_split,
     )
     from distortion.experiments.activations import calibrate_activations
     from distortion.experiments.sensitivity import gradient_grams
@@ -266,8 +265,7 @@ def compare_activations(
                               cache_dir=cache_dir, progress=progress)["int8"]  # fmt: skip
         est = AccuracyLossEstimator(quantizer=ref.weight_quantizer, seed=seed).fit_grams(wg)
         pred = est.predict_allocation(dict.fromkeys(wg.layer_names, 8), activations=ag)
-        v = est._variances(np.full(wg.n_layers, 8), ref.weight_quantizer)
-        split = weight_activation_split(wg, v, ag, seed=seed)
+        split = est.weight_activation_split(8, ag)
         cell = f"int8 {backend}"
         splits[f"{model_name} {cell}"] = split
         rows.append(_row(model_name, cell, m8, pred, split, weight_bits=8, activation_bits=8,
@@ -288,7 +286,7 @@ def compare_activations(
         for wb, ab in cells:
             wq = UniformQuantizer(wb, granularity="channel")
             alloc = dict.fromkeys(wg.layer_names, wb)
-            v = est._variances(np.full(wg.n_layers, wb), wq)
+            v = est._variances(np.full(wg.n_layers, wb), wq)  # level 2A's weight term
             for g in grans:
                 c = f"A{ab} {g}"
                 meas = measure_quantized(model, evaluation, weights=wq, layers="all",
@@ -304,7 +302,7 @@ def compare_activations(
                                       progress=False).flip_rate
                     for r in range(n_dither)
                 ]  # fmt: skip
-                split = weight_activation_split(wg, v, ags[c], seed=seed)
+                split = est.weight_activation_split(wb, ags[c], quantizer=wq)
                 cell = f"W{wb}A{ab} {g}"
                 splits[f"{model_name} {cell}"] = split
                 rows.append(_row(

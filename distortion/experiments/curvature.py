@@ -72,13 +72,6 @@ class _ReluMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _noise(t: torch.Tensor, qp: ActivationQParams, gen: torch.Generator) -> torch.Tensor:
-    """A draw of eq. A5's noise part (the one rule, in ``activation_grams._a5_noise``)."""
-    from distortion.experiments.activation_grams import _a5_noise
-
-    return _a5_noise(t, qp, gen)[0]
-
-
 def relu_curvature_shift(
     model: torch.nn.Module,
     data: Any,
@@ -115,7 +108,7 @@ def relu_curvature_shift(
     import copy
 
     from distortion.experiments._torch_state import evaluated_on
-    from distortion.experiments.activation_grams import _hooked
+    from distortion.experiments.activation_grams import _a5_noise, _hooked
     from distortion.experiments.sensitivity import _batches
 
     if where not in ("input", "output"):
@@ -133,7 +126,7 @@ def relu_curvature_shift(
         if not state["inject"]:
             return t
         p, tan = fwad.unpack_dual(t)
-        n = _noise(p, qp, gen)
+        n = _a5_noise(p, qp, gen)[0]  # the noise part of eq. A5
         return fwad.make_dual(p, n if tan is None else tan + n)
 
     handles = []
