@@ -148,17 +148,13 @@ def calibration_images(dataset, args: argparse.Namespace):
     if args.split == "evaluate":
         fit = fit_evaluate_mask(dataset.labels, dataset.n_classes, args.fit_fraction, args.seed)
         pos = np.flatnonzero(fit)[: args.calibration]
-    elif args.split == "fit":
-        raise ValueError(
-            "--activation-bits calibrates on the fit part: predict on --split evaluate"
-        )
-    else:
-        start = args.offset + (args.n if args.n is not None else 0)
+    else:  # (run() has refused --split fit and a missing --n)
+        start = args.offset + args.n
         pos = np.arange(start, min(start + args.calibration, len(dataset)))
-        if args.n is None or pos.size == 0:
+        if pos.size == 0:
             raise ValueError(
-                "--activation-bits needs calibration images the prediction does not use: pass "
-                "--n (the calibration images follow them) or --split evaluate"
+                f"no calibration images after the first {start}: the dataset has "
+                f"{len(dataset)}; lower --n or pass --split evaluate"
             )
     return select_images(dataset, pos, f"calibration:{pos.size}")
 
@@ -228,6 +224,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--activation-bits must be in 2..16, got {args.activation_bits}")
         if args.calibration < 1:
             raise ValueError(f"--calibration must be a positive integer, got {args.calibration}")
+        if args.split == "fit":  # before any work: the fit part is the calibration's
+            raise ValueError(
+                "--activation-bits calibrates on the fit part: predict on --split evaluate"
+            )
+        if args.split is None and args.n is None:
+            raise ValueError(
+                "--activation-bits needs calibration images the prediction does not use: pass "
+                "--n (the calibration images follow them) or --split evaluate"
+            )
     elif args.split_json or args.split_figure:
         raise ValueError("--split-json / --split-figure need --activation-bits")
     _, full, model = load_model_and_dataset(_loading_args(args))
