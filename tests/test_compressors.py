@@ -251,6 +251,19 @@ def test_unstructured_pruning_naive_exact_sparsity_and_model(sparsity):
     np.testing.assert_array_equal(again.values, c.values)  # idempotent
 
 
+def test_keep_largest_is_the_stable_argsort_selection():
+    from distortion.compressors.pruning import _keep_largest
+
+    rng = np.random.default_rng(40)
+    for trial in range(200):
+        size = int(rng.integers(1, 60))
+        scores = rng.integers(0, 1 + trial % 7, size).astype(np.float64)  # many ties
+        for n_pruned in {0, size, int(rng.integers(0, size + 1))}:
+            naive = np.ones(size, dtype=bool)
+            naive[sorted(range(size), key=lambda i: scores[i])[:n_pruned]] = False
+            np.testing.assert_array_equal(_keep_largest(scores, n_pruned), naive)
+
+
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 8), (1, 2)])
 def test_nm_pruning_naive_and_per_group_count(n, m):
     w = _w((3, 4, 2, 2), seed=4)  # rows of 16: m divides
@@ -415,6 +428,27 @@ def test_kmeans_lloyd_naive_bit_exact():
             np.testing.assert_array_equal(c.detail.codes.reshape(rows.shape)[g], a)
         _assert_exact_model(c, channel=scope == "channel")
         assert np.all(np.abs(c.error_model.mean) < 1e-12)  # a fixed point: zero-mean clusters
+
+
+def test_kmeans_lloyd_naive_bit_exact_on_ties_and_midpoints():
+    rng = np.random.default_rng(41)
+    for trial in range(60):
+        n, k = int(rng.integers(4, 50)), int(rng.integers(2, 7))
+        k = min(k, n)
+        kind = trial % 3
+        if kind == 0:
+            x = rng.standard_normal(n) ** 3
+        elif kind == 1:
+            x = rng.integers(-3, 4, n).astype(np.float64)  # ties, values on midpoints
+        else:
+            x = np.round(rng.laplace(size=n), 2) * 1e-3
+        if x.min() == x.max():
+            continue
+        cap = int(rng.integers(1, 30)) if trial % 5 == 0 else 100  # some stop at the cap
+        c, a = kmeans_1d(x, k, max_iter=cap)
+        cn, an = _naive_lloyd(x, k, max_iter=cap)
+        np.testing.assert_array_equal(c, cn)
+        np.testing.assert_array_equal(a, an)
 
 
 def test_kmeanspp_naive_and_seeded():
@@ -596,6 +630,35 @@ def test_power_exponent_search_minimizes_the_squared_error():
         np.testing.assert_array_equal(
             NonUniformQuantizer(3, exponent=float(a[i])).compress(f.values).values, f.values
         )
+
+
+def _exhaustive_exponents(rows, bits):
+    """Eq. C10 by brute force: quantize with every candidate, keep the first minimum."""
+    out = []
+    for r in rows:
+        sse = [
+            np.sum((NonUniformQuantizer(bits, exponent=float(e)).compress(r).values - r) ** 2)
+            for e in POWER_EXPONENTS
+        ]
+        out.append(POWER_EXPONENTS[int(np.argmin(sse))])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_power_exponent_search_is_the_exhaustive_search(bits):
+    rng = np.random.default_rng(100 + bits)
+    rows = [
+        rng.standard_normal(50) ** 3,  # heavy tails
+        rng.standard_normal(17),
+        rng.laplace(size=64) * 1e-3,
+        np.round(rng.standard_normal(40), 1),  # many ties
+        np.array([1.0, 1 / 6, 0.5, 5 / 6, -0.5, 0.25, 1 / 14, 3 / 14]),  # on a=1 thresholds
+        np.array([2.0, -2.0, 2.0]),  # every exponent exact: the largest
+        np.zeros(5),
+    ]
+    for r in rows:
+        got = NonUniformQuantizer(bits, granularity="channel").exponents(r[None, :])
+        np.testing.assert_array_equal(got, _exhaustive_exponents([r], bits))
 
 
 def test_power_high_resolution_second_moment_approaches_the_exact_one():

@@ -121,17 +121,46 @@ def kmeans_1d(
 
 
 def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd iterations: assign to the nearest centroid, move each to its cluster's mean."""
+    """Lloyd iterations: assign to the nearest centroid, move each to its cluster's mean.
+
+    Each assignment is that of :func:`nearest_level`, found on the sorted values: the codes
+    are non-decreasing in the value, so a cluster is a run of the sorted values between two
+    midpoints (O(k log n)); the few values within rounding error of a midpoint are assigned
+    by :func:`nearest_level` itself. The cluster sums are accumulated in the input's order
+    (``bincount``), as the plain loop does, so the centroids are bit for bit the same.
+    """
     k = c.size
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
     for _ in range(max_iter):
-        a = nearest_level(x, c)
-        counts = np.bincount(a, minlength=k)
+        a, counts = _sorted_assignment(x, xs, order, c)
         sums = np.bincount(a, weights=x, minlength=k)
         new = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), c))  # empty: stays
         if np.array_equal(new, c):
             break
         c = new
-    return c, nearest_level(x, c)
+    return c, _sorted_assignment(x, xs, order, c)[0]
+
+
+def _sorted_assignment(
+    x: np.ndarray, xs: np.ndarray, order: np.ndarray, c: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``nearest_level(x, c)`` and the cluster sizes, from ``xs = x[order]`` sorted."""
+    n, k = xs.size, c.size
+    if k == 1:
+        return np.zeros(n, dtype=np.int64), np.array([n])
+    lo_c, hi_c = c[:-1], c[1:]
+    mids = 0.5 * (lo_c + hi_c)
+    width = 8.0 * np.finfo(np.float64).eps * (np.abs(lo_c) + np.abs(hi_c)) + 1e-300
+    lo = np.searchsorted(xs, mids - width, side="left")
+    hi = np.searchsorted(xs, mids + width, side="right")
+    edges = lo.copy()  # edges[j-1]: how many values have a code below j
+    for j in np.flatnonzero(hi > lo):  # within rounding error of a midpoint: ask the rule
+        edges[j] += int(np.count_nonzero(nearest_level(xs[lo[j] : hi[j]], c) <= j))
+    counts = np.diff(np.concatenate([[0], edges, [n]]))
+    a = np.empty(n, dtype=np.int64)
+    a[order] = np.repeat(np.arange(k), counts)
+    return a, counts
 
 
 def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -464,18 +493,68 @@ class NonUniformQuantizer:
     def _exponents(self, rows: np.ndarray, m: np.ndarray) -> np.ndarray:
         if self.exponent is not None:
             return np.full(rows.shape[0], float(self.exponent))
-        best_a = np.full(rows.shape[0], POWER_EXPONENTS[0])
-        best = np.full(rows.shape[0], np.inf)
-        for a in POWER_EXPONENTS:
-            aa = np.full(rows.shape[0], a)
-            books = _power_codebooks(m, aa, self.bits)
-            sse = np.array([
-                np.sum((b[_power_codes(r, mi, a, self.bits)] - r) ** 2)
-                for r, b, mi in zip(rows, books, m, strict=True)
-            ])  # fmt: skip
-            better = sse < best  # strict: ties keep the larger exponent (eq. C10)
-            best_a, best = np.where(better, a, best_a), np.where(better, sse, best)
-        return best_a
+        return _search_exponents(rows, m, self.bits)
+
+
+def _search_exponents(rows: np.ndarray, m: np.ndarray, bits: int) -> np.ndarray:
+    r"""The exponent of eq. C10 per group (row): the least squared error over
+    :data:`POWER_EXPONENTS`, ties to the largest.
+
+    The squared error of every candidate is read from the sorted magnitudes without
+    quantizing (eq. C10a): for exponent :math:`a` the entries of code :math:`k` are those with
+    :math:`t_{k-1} \le |w| < t_k`, :math:`t_k = m((k+	frac12)/L)^{1/a}`, and their error is
+    :math:`S_2 - 2c_kS_1 + n_kc_k^2` from prefix sums, :math:`c_k = m(k/L)^{1/a}` — O(L log n)
+    per candidate instead of O(n). An entry within rounding error of a threshold is coded as
+    eq. C9 codes it (its cell read from the rounding itself), so the cells are exact; the
+    candidates whose prefix-sum error lies within the sums' rounding error of the smallest
+    are then re-evaluated as :math:`\sum_i(\hat w_i - w_i)^2` (eq. C10 itself), and the
+    first of those minima is kept: the result is the exhaustive search's.
+    """
+    L = 2 ** (bits - 1) - 1
+    n_cand = POWER_EXPONENTS.size
+    levels = _power_codebooks(np.ones(n_cand), POWER_EXPONENTS, bits)[:, L:]  # (A, L+1), k>=0
+    half = (np.arange(L, dtype=np.float64) + 0.5) / L
+    thresholds = half[None, :] ** (1.0 / POWER_EXPONENTS[:, None])  # (A, L), times m
+    # relative width around a threshold inside which the rounding of eq. C9 decides
+    window = 16.0 * np.finfo(np.float64).eps / POWER_EXPONENTS[:, None]
+    mags = np.sort(np.abs(rows), axis=1)
+    zero = np.zeros((rows.shape[0], 1))
+    p1 = np.concatenate([zero, np.cumsum(mags, axis=1)], axis=1)
+    p2 = np.concatenate([zero, np.cumsum(mags**2, axis=1)], axis=1)
+    n = rows.shape[1]
+    best = np.full(rows.shape[0], POWER_EXPONENTS[0])
+    for g in range(rows.shape[0]):
+        mg, sg = float(m[g]), mags[g]
+        if mg == 0.0:
+            continue  # all zeros: every exponent is exact, the largest is kept
+        t = mg * thresholds
+        lo = np.searchsorted(sg, t * (1.0 - window), side="left")
+        hi = np.searchsorted(sg, t * (1.0 + window), side="right")
+        edges = lo.copy()
+        for a_i, k in zip(*np.nonzero(hi > lo), strict=True):  # rare: decide by eq. C9
+            ys = np.round(L * (sg[lo[a_i, k] : hi[a_i, k]] / mg) ** POWER_EXPONENTS[a_i])
+            edges[a_i, k] += int(np.count_nonzero(ys <= k))
+        edges = np.concatenate(
+            [np.zeros((n_cand, 1), dtype=np.int64), edges, np.full((n_cand, 1), n)], axis=1
+        )
+        s1 = p1[g][edges[:, 1:]] - p1[g][edges[:, :-1]]
+        s2 = p2[g][edges[:, 1:]] - p2[g][edges[:, :-1]]
+        c = mg * levels
+        sse = np.sum(s2 - 2.0 * c * s1 + np.diff(edges, axis=1) * c * c, axis=1)  # (C10a)
+        tol = 1e-9 * max(float(sse.min()), 0.0) + 1e-12 * float(p2[g][-1])
+        near = np.flatnonzero(sse <= sse.min() + tol)
+        if near.size > 1:
+            exact = [_power_sse(rows[g], mg, POWER_EXPONENTS[i], bits) for i in near]
+            best[g] = POWER_EXPONENTS[near[int(np.argmin(exact))]]  # first minimum: largest a
+        else:
+            best[g] = POWER_EXPONENTS[near[0]]
+    return best
+
+
+def _power_sse(row: np.ndarray, m: float, a: float, bits: int) -> float:
+    """The squared reconstruction error of eq. C10 for one exponent, as quantization gives it."""
+    book = _power_codebooks(np.array([m]), np.array([a]), bits)[0]
+    return float(np.sum((book[_power_codes(row, m, a, bits)] - row) ** 2))
 
 
 def _power_codebooks(m: np.ndarray, a: np.ndarray, bits: int) -> np.ndarray:

@@ -107,7 +107,7 @@ class LowRank:
         w64, like = prepare(w, min_ndim=2, what="factorize")
         mat = w64.reshape(w64.shape[0], -1)
         full = min(mat.shape)
-        u, s, vt = np.linalg.svd(mat, full_matrices=False)
+        u, s, vt = _thin_svd(mat)
         if self.rank is not None:
             if self.rank > full:
                 raise ValueError(
@@ -121,6 +121,21 @@ class LowRank:
         values, error = finish((left @ right).reshape(w64.shape), w64, like)
         model = exact_error_model(error, "channel", "lowrank")
         return Compressed(values, error, model, self, LowRankFactors(left, right, s, r))
+
+
+def _thin_svd(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Thin SVD :math:`M = U\Sigma V^\top`; a wide matrix (a convolution's (C_out,
+    C_in·k·k)) through the QR factorization of its transpose, :math:`M^\top = QR`,
+    :math:`R^\top = U\Sigma W^\top`, :math:`V = QW` — the same factors (up to the signs of
+    the singular vectors and rounding; both are backward stable), at the cost of an SVD of
+    the small square :math:`R` instead of the wide matrix.
+    """
+    rows, cols = mat.shape
+    if cols <= 2 * rows:
+        return np.linalg.svd(mat, full_matrices=False)
+    q, r = np.linalg.qr(mat.T, mode="reduced")  # (cols, rows), (rows, rows)
+    u, s, wt = np.linalg.svd(r.T)
+    return u, s, wt @ q.T
 
 
 def _energy_rank(s: np.ndarray, energy: float) -> int:

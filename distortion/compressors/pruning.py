@@ -233,7 +233,21 @@ def _count(sparsity: float, size: int) -> int:
 
 
 def _keep_largest(scores: np.ndarray, n_pruned: int) -> np.ndarray:
-    """Mask of the entries kept when the ``n_pruned`` smallest scores (stable) are pruned."""
+    """Mask of the entries kept when the ``n_pruned`` smallest scores (stable) are pruned.
+
+    The same mask as pruning the first ``n_pruned`` of a stable argsort, in O(n): the
+    threshold is the ``n_pruned``-th smallest score (a partition, not a sort); every score
+    below it is pruned, and of the scores equal to it the first ones in C order.
+    """
     kept = np.ones(scores.size, dtype=bool)
-    kept[np.argsort(scores, kind="stable")[:n_pruned]] = False
+    if n_pruned <= 0:
+        return kept
+    if n_pruned >= scores.size:
+        kept[:] = False
+        return kept
+    threshold = np.partition(scores, n_pruned - 1)[n_pruned - 1]
+    below = scores < threshold
+    kept[below] = False
+    ties = np.flatnonzero(scores == threshold)[: n_pruned - int(np.count_nonzero(below))]
+    kept[ties] = False
     return kept
