@@ -1,9 +1,10 @@
 """The paper's figures and tables regenerate from a small run of the experiment.
 
 ``small_results`` runs :func:`distortion.experiments.pipeline.run_experiment` on a tiny
-configuration (ResNet-20, 300 CIFAR-10 test images, 3 and 6 bits, per-tensor steps; about a
-minute on 2 cores with a cold cache) and adds a synthetic two-class simulation table (the
-real one, ``experiments/simulation_binary.py``, takes much longer). Every figure script and
+configuration (ResNet-20, 300 CIFAR-10 test images, 3 and 6 bits, per-tensor steps, two
+compression families on 40 images; about a minute and a half on 2 cores with a cold cache)
+and adds a synthetic two-class simulation table (the real one,
+``experiments/simulation_binary.py``, takes much longer). Every figure script and
 the table script run through ``distortion figures`` and through the Makefile; the checks are
 on what they write: files, PDF page width = the LaTeX text width, booktabs tables, and the
 numbers that main.tex quotes, recomputed independently from ``comparison.csv``.
@@ -38,7 +39,8 @@ FIGURES = {
 }  # fmt: skip
 TABLES = {
     "summary", "cells", "cells_caption", "cells_all", "cells_all_caption",
-    "hypotheses_gaussian", "hypotheses_uniform", "simulation", "numbers", "incomplete",
+    "hypotheses_gaussian", "hypotheses_uniform", "simulation", "compression", "numbers",
+    "incomplete",
 }  # fmt: skip
 NOT_TABULAR = {"numbers", "cells_caption", "cells_all_caption", "incomplete"}
 
@@ -50,6 +52,7 @@ TINY = {
     "last_layer": {"bits": [3, 6], "n_realizations": 50, "problems": [{"name": "10-class"}]},
     "all_layers": {"bits": [3, 6], "n": 40},
     "hypotheses": {"bits": [3, 6]},
+    "compression": {"n": 40, "families": ["prune-layer", "svd-energy"]},
 }
 
 
@@ -157,6 +160,31 @@ def test_tables_hold_the_results(generated, small_results):
 
 @pytest.mark.slow
 @pytest.mark.real_data
+def test_compression_table_holds_the_families(generated, small_results):
+    """The compression table and its quoted numbers, recomputed from the cells of
+    ``compression/compression.csv`` (not from the summary the table is made of)."""
+    c = pd.read_csv(small_results / "compression" / "compression.csv")
+    used = c[c["measured_flip_rate"] <= 0.2]
+    nums = _numbers(generated / "tables" / "numbers.tex")
+    assert nums["comp:families"] == "2"
+    assert nums["comp:cells"] == str(len(c))
+    assert nums["comp:cells:used"] == str(len(used))
+    assert nums["comp:maxflip"] == "0.2"
+    assert nums["comp:inband"] == f"{100 * used['L3L_flip_rate_in_band'].astype(float).mean():.0f}"
+    body = (generated / "tables" / "compression.tex").read_text()
+    for family, label in (("prune-layer", "pruning, per layer"), ("svd-energy", "truncated SVD")):
+        row = next(ln for ln in body.splitlines() if f"& {label} &" in ln)
+        cells = [x.strip(" \\") for x in row.split("&")]
+        f = c[c["family"] == family]
+        fu = used[used["family"] == family]
+        assert cells[0] == "ResNet-20"
+        assert cells[3] == f"{len(fu)}/{len(f)}"
+        assert cells[4] == f"{100 * fu['L3L_flip_rate_in_band'].astype(float).mean():.0f}"
+        assert cells[6] == f"{100 * fu['L3L_flip_rate_abs_error'].mean():.2f}"
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_main_tex_uses_what_is_generated(generated):
     lines = (PAPER / "main.tex").read_text().splitlines()
     tex = "\n".join(ln for ln in lines if not ln.lstrip().startswith("%"))
@@ -209,6 +237,7 @@ def test_two_granularities_and_missing_inputs(tmp_path, monkeypatch):
     from distortion.experiments.compare import Comparison
 
     monkeypatch.delenv("DISTORTION_SIMULATION", raising=False)
+    monkeypatch.delenv("DISTORTION_COMPRESSION", raising=False)
     res = tmp_path / "results" / "bare"
     Comparison(synthetic_table(bits=(3, 6))).save(res)
     out = tmp_path / "out"
@@ -218,11 +247,13 @@ def test_two_granularities_and_missing_inputs(tmp_path, monkeypatch):
     assert figs == (FIGURES - absent) | {"flip_vs_bits_channel", "loss_vs_bits_channel"}
     assert "not available" in (out / "tables" / "hypotheses_gaussian.tex").read_text()
     assert "not available" in (out / "tables" / "simulation.tex").read_text()
+    assert "not available" in (out / "tables" / "compression.tex").read_text()
     assert r"\resdef{cells}{" in (out / "tables" / "numbers.tex").read_text()
     # the first page of the PDF names what is missing
     note = (out / "tables" / "incomplete.tex").read_text()
     assert "Incomplete results" in note
     assert "run.json" in note and "hypothesis tests" in note and "simulation" in note
+    assert "compression families" in note
 
 
 def test_figures_command_errors(tmp_path, capsys):
@@ -277,6 +308,7 @@ def test_makefile_refuses_incomplete_results(tmp_path, monkeypatch):
     if shutil.which("make") is None:
         pytest.fail("`make` is needed to test paper/Makefile", pytrace=False)
     monkeypatch.delenv("DISTORTION_SIMULATION", raising=False)
+    monkeypatch.delenv("DISTORTION_COMPRESSION", raising=False)
     res = tmp_path / "results" / "bare"
     Comparison(synthetic_table(bits=(3, 6))).save(res)
     copy = tmp_path / "paper"
@@ -285,6 +317,7 @@ def test_makefile_refuses_incomplete_results(tmp_path, monkeypatch):
         p.unlink()
     env = {**os.environ, "MPLBACKEND": "agg"}
     env.pop("DISTORTION_SIMULATION", None)
+    env.pop("DISTORTION_COMPRESSION", None)
     cmd = ["make", "-C", str(copy), "tables", f"RESULTS={res}", f"PYTHON={sys.executable}"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert run.returncode != 0, run.stdout
@@ -292,7 +325,9 @@ def test_makefile_refuses_incomplete_results(tmp_path, monkeypatch):
     assert "incomplete" in err
     assert "run.json" in err and "hypothesis tests of resnet20, resnet56" in err
     assert "simulation_binary/table.csv" in err
+    assert "compression/compression/compression_summary.csv" in err
     assert "`distortion run`" in err and "`python experiments/simulation_binary.py`" in err
+    assert "`distortion run --config experiments/compression.toml`" in err
     assert "ALLOW_INCOMPLETE=1" in err
     assert not list((copy / "tables").glob("*.tex")), "tables were made from incomplete results"
 
@@ -300,7 +335,7 @@ def test_makefile_refuses_incomplete_results(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr
     assert "warning" in run.stderr and "hypothesis tests" in run.stderr
     note = (copy / "tables" / "incomplete.tex").read_text()
-    assert note.count(r"\item") == 3 and "hypothesis tests of resnet20, resnet56" in note
+    assert note.count(r"\item") == 4 and "hypothesis tests of resnet20, resnet56" in note
     # main.tex prints the note on its first page
     assert r"\InputIfFileExists{tables/incomplete}" in (PAPER / "main.tex").read_text()
 
@@ -312,6 +347,7 @@ def test_missing_inputs_mixed_runs(tmp_path, monkeypatch):
     import _inputs
 
     monkeypatch.delenv("DISTORTION_SIMULATION", raising=False)
+    monkeypatch.delenv("DISTORTION_COMPRESSION", raising=False)
     res = tmp_path / "results" / "mixed"
     res.mkdir(parents=True)
     t = synthetic_table(models=("resnet20",), bits=(3, 6))
@@ -324,6 +360,9 @@ def test_missing_inputs_mixed_runs(tmp_path, monkeypatch):
             (res / "hypotheses" / m / f"hypotheses_{n}.csv").write_text("a\n1\n")
     (res.parent / "simulation_binary").mkdir()
     synthetic_simulation_table().to_csv(res.parent / "simulation_binary" / "table.csv")
+    # the compression summary of a compression run beside it
+    (res.parent / "compression" / "compression").mkdir(parents=True)
+    (res.parent / "compression" / "compression" / "compression_summary.csv").write_text("a\n1\n")
     found = [str(m) for m in _inputs.missing_inputs(res)]
     assert len(found) == 2, found
     assert "all-layer rows" in found[0]

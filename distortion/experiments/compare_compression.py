@@ -495,7 +495,8 @@ def compression_summary(comparison: Comparison, *, max_flip_rate: float = 0.2) -
     r"""Per model × layer set × family: how well 2L and 3L predict, and where they break.
 
     Over the cells whose measured flip rate is at most ``max_flip_rate`` (first-order
-    models are meant for small perturbations): ``band_coverage`` (measured flip rate in the
+    models are meant for small perturbations; the cap is the ``max_flip_rate`` column):
+    ``band_coverage`` (measured flip rate in the
     3L band), the mean absolute flip-rate error of 2L and 3L, the share of cells where the
     noise check passes (``noise_in_band``) and the median ``noise_energy_ratio``. Over all
     the family's cells, ordered from the least to the most perturbing
@@ -532,7 +533,7 @@ def compression_summary(comparison: Comparison, *, max_flip_rate: float = 0.2) -
         nib = g["noise_in_band"].astype(float)
         rows.append({
             "model": model, "layers": layers, "family": family, "cells": len(g),
-            "cells_used": len(ok),
+            "cells_used": len(ok), "max_flip_rate": float(max_flip_rate),
             "band_coverage": float(ok["_in"].mean()) if len(ok) else np.nan,
             "L2L_flip_rate_abs_error": float(ok["L2L_flip_rate_abs_error"].mean())
             if len(ok) else np.nan,

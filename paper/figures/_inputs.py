@@ -7,7 +7,8 @@ writes ``tables/incomplete.tex``, a box at the top of the PDF naming the missing
 
 A complete folder holds ``comparison.csv`` with last-layer and all-layer rows, ``run.json``
 with the float accuracy of every model, ``hypotheses/<model>/`` for every model of the
-comparison (and for no other), and the two-class simulation table.
+comparison (and for no other), the two-class simulation table, and the compression families'
+summary (``_paths.compression_summary``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = ["Missing", "main", "missing_inputs"]
 
 RUN = "distortion run"
 SIMULATION = "python experiments/simulation_binary.py"
+COMPRESSION = "distortion run --config experiments/compression.toml"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ def missing_inputs(results: Path) -> list[Missing]:
     sim = _paths.simulation_table(results)
     if not sim.is_file():
         out.append(Missing(f"no {sim} (two-class simulation figure and table)", SIMULATION))
+    comp = _paths.compression_summary(results)
+    if not comp.is_file():
+        out.append(Missing(f"no {comp} (compression families table)", COMPRESSION))
     return out
 
 

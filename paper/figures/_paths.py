@@ -3,7 +3,11 @@
 The results folder is ``--results DIR``, else ``$DISTORTION_RESULTS``, else
 ``experiments/results/default`` (what ``distortion run`` writes). The two-class simulation
 table is ``$DISTORTION_SIMULATION``, else ``<results>/../simulation_binary/table.csv``
-(written by ``experiments/simulation_binary.py``). Outputs go to ``<out>/figures`` and
+(written by ``experiments/simulation_binary.py``). The compression families' summary is
+``$DISTORTION_COMPRESSION``, else ``<results>/compression/compression_summary.csv`` when the
+run had a compression stage, else the one of the compression run beside it,
+``<results>/../compression/compression/compression_summary.csv`` (``distortion run --config
+experiments/compression.toml``). Outputs go to ``<out>/figures`` and
 ``<out>/tables`` with ``out`` = ``--out DIR``, else ``paper/``.
 """
 
@@ -18,6 +22,7 @@ __all__ = [
     "PAPER",
     "REPO",
     "TEXT_WIDTH_IN",
+    "compression_summary",
     "figures_dir",
     "parse_args",
     "results_dir",
@@ -49,6 +54,17 @@ def simulation_table(results: Path) -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return results.parent / "simulation_binary" / "table.csv"
+
+
+def compression_summary(results: Path) -> Path:
+    """The compression families' ``compression_summary.csv`` (may not exist)."""
+    env = os.environ.get("DISTORTION_COMPRESSION")
+    if env:
+        return Path(env).expanduser().resolve()
+    own = results / "compression" / "compression_summary.csv"
+    if own.is_file():
+        return own
+    return results.parent / "compression" / "compression" / "compression_summary.csv"
 
 
 def _out(out: str | os.PathLike[str] | None, sub: str) -> Path:

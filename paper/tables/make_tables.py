@@ -10,6 +10,9 @@ and the two-class simulation table; writes into ``<out>/tables/``:
   problem and granularity, last layer / all layers;
 - ``hypotheses_gaussian.tex``, ``hypotheses_uniform.tex``: verdicts of the H_G and H_U tests;
 - ``simulation.tex``: agreement of the two-class closed forms with the Monte Carlo;
+- ``compression.tex``: per model x compression family (pruning, low rank, codebooks,
+  non-uniform grids, compositions), the 3L band coverage, the mean |error| of 2L and 3L, the
+  noise check and where each part of the model breaks (``compression_summary.csv``);
 - ``numbers.tex``: ``\\res{key}`` values quoted in the text (``\\res`` is defined in main.tex);
 - ``incomplete.tex``: empty when the results folder is complete, else a box naming the
   missing inputs and the commands that produce them (``figures/_inputs.py``), printed at the
@@ -294,10 +297,104 @@ def simulation_table(sim: Any) -> str:
     return tabular([head1, head2], rows, "rrrrrrr", header_rules=["(lr){3-4}", "(lr){5-6}"])
 
 
+#: Table labels of the compression families and the unit of their strength (the
+#: ``strength`` column of the compression table, in which the "breaks at" columns are read).
+COMPRESSION_LABELS = {
+    "prune-layer": ("pruning, per layer", "sparsity"),
+    "prune-global": ("pruning, global", "sparsity"),
+    "prune-2:4": ("pruning, 2:4", "sparsity"),
+    "prune-filter": ("filter pruning (L1)", "share of filters"),
+    "svd-energy": ("truncated SVD", "energy kept"),
+    "kmeans": ("k-means sharing", "clusters"),
+    "power": ("power grid", "bits"),
+    "log2": ("powers of two", "bits"),
+    "nf4": ("normal float", "bits"),
+    "rex-o1": ("REx, order 1", "bits per term"),
+    "rex-o2": ("REx, order 2", "bits per term"),
+    "rex-o3": ("REx, order 3", "bits per term"),
+    "prune50+uniform4": (r"prune 50\,\% + 4 bits", "sparsity"),
+}
+
+
+def _strength(v: Any) -> str:
+    """A strength (sparsity, energy, bits...) as it was set: 0.5, 0.95, 16."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return text(v)
+    if not math.isfinite(f):
+        return NA
+    return str(int(f)) if f == int(f) and abs(f) >= 1 else f"{f:g}"
+
+
+def compression_table(s: Any) -> str:
+    """Per model x layer set x family of ``compression_summary.csv``: cells used / all
+    (measured flip rate <= the summary's cap), 3L band coverage (%), mean |error| of the flip
+    rate of 2L and 3L (pp), the share of cells passing the noise check (%), and the strength
+    of the first cell (from the least perturbing) where the measurement leaves the band, the
+    error model fails as noise, and the linearization fails."""
+    if s is None or not len(s):
+        return tabular(["(not available)"], [["no compression rows"]], "l")
+    rows, rules, prev = [], [], None
+    several_sets = s["layers"].nunique() > 1 if "layers" in s else False
+    for i, (_, r) in enumerate(s.iterrows()):
+        key = (r["model"], r["layers"]) if several_sets else r["model"]
+        if prev is not None and key != prev:
+            rules.append(i - 1)
+        prev = key
+        label, unit = COMPRESSION_LABELS.get(str(r["family"]), (tex_escape(r["family"]), ""))
+        band = _value(r, "band_coverage")
+        noise = _value(r, "noise_in_band_share")
+        model = pretty_model(r["model"]) + (f" ({text(r['layers'])})" if several_sets else "")
+        rows.append([
+            model, label, tex_escape(unit), f"{int(r['cells_used'])}/{int(r['cells'])}",
+            f"{PP * band:.0f}" if math.isfinite(band) else NA,
+            fmt(PP * _value(r, "L2L_flip_rate_abs_error")),
+            fmt(PP * _value(r, "L3L_flip_rate_abs_error")),
+            f"{PP * noise:.0f}" if math.isfinite(noise) else NA,
+            *[_strength(r.get(c)) for c in ("breaks_at", "noise_breaks_at", "linear_breaks_at")],
+        ])  # fmt: skip
+    header = [
+        ["", "", "", "", r"in band", r"\multicolumn{2}{c}{mean $|$error$|$ (pp)}", "noise",
+         r"\multicolumn{3}{c}{breaks at}"],
+        ["model", "family", "strength", "cells", r"(\%)", "2L", "3L", r"(\%)", "band", "noise",
+         "linear"],
+    ]  # fmt: skip
+    return tabular(header, rows, "lllrrrrrrrr", rules_after=rules,
+                   header_rules=["(lr){6-7}", "(lr){9-11}"])  # fmt: skip
+
+
+def compression_numbers(s: Any) -> dict[str, str]:
+    r"""``\res`` values of the compression table: families, cells used, and the band coverage
+    over every cell used (each family weighted by its cells)."""
+    if s is None or not len(s):
+        return {}
+    used = s["cells_used"].astype(float)
+    cov = s["band_coverage"].astype(float)
+    ok = used > 0
+    out = {
+        "comp:families": str(s["family"].nunique()),
+        "comp:cells": str(int(s["cells"].sum())),
+        "comp:cells:used": str(int(used.sum())),
+    }
+    if "max_flip_rate" in s:
+        out["comp:maxflip"] = f"{float(s['max_flip_rate'].max()):g}"
+    if ok.any():
+        out["comp:inband"] = f"{PP * (cov[ok] * used[ok]).sum() / used[ok].sum():.0f}"
+        fam = s[ok].assign(_c=cov[ok]).groupby("family", sort=False)["_c"].min()
+        out["comp:inband:worst"] = f"{PP * fam.min():.0f}"
+        out["comp:inband:worstfamily"] = COMPRESSION_LABELS.get(fam.idxmin(),
+                                                                (tex_escape(fam.idxmin()),))[0]
+    return out
+
+
 # --------------------------------------------------------------------------- numbers
-def numbers(t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: Any | None) -> str:
+def numbers(
+    t: Any | None, run: dict[str, Any], reports: dict[str, Any], sim: Any | None,
+    comp: Any | None = None,
+) -> str:
     r"""``\resdef{key}{value}`` lines for the values quoted in the text."""
-    out: dict[str, str] = {}
+    out: dict[str, str] = compression_numbers(comp)
     cfg = run.get("config", {})
     accs = run.get("accuracies") or {}
     for model, acc in accs.items():
@@ -418,6 +515,8 @@ def make(results: Path, out: Path) -> list[Path]:
     reports = _reports(results)
     sim_csv = _paths.simulation_table(results)
     sim = pd.read_csv(sim_csv) if sim_csv.is_file() else None
+    comp_csv = _paths.compression_summary(results)
+    comp = pd.read_csv(comp_csv) if comp_csv.is_file() else None
 
     paths.append(_write(out, "summary", summary_table(t) if t is not None
                         else placeholder("comparison table", csv)))  # fmt: skip
@@ -435,7 +534,9 @@ def make(results: Path, out: Path) -> list[Path]:
                         if reports else placeholder("hypothesis tests", hyp)))  # fmt: skip
     paths.append(_write(out, "simulation", simulation_table(sim) if sim is not None
                         else placeholder("simulation table", sim_csv)))  # fmt: skip
-    paths.append(_write(out, "numbers", numbers(t, run, reports, sim)))
+    paths.append(_write(out, "compression", compression_table(comp) if comp is not None
+                        else placeholder("compression summary", comp_csv)))  # fmt: skip
+    paths.append(_write(out, "numbers", numbers(t, run, reports, sim, comp)))
     sys.path.insert(0, str(_paths.PAPER / "figures"))
     import _inputs
 
