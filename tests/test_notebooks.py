@@ -21,6 +21,7 @@ def test_there_are_notebooks():
         "02_uniform_error_hypothesis",
         "03_predicted_vs_measured",
         "04_estimator_quickstart",
+        "05_compression",
     } <= names
 
 
