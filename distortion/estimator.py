@@ -52,7 +52,12 @@ from distortion.theory.multilayer import (
     multilayer_distortion,
 )
 
-__all__ = ["AccuracyLossEstimator", "AccuracyLossPrediction", "BitAllocation"]
+__all__ = [
+    "AccuracyLossEstimator",
+    "AccuracyLossPrediction",
+    "BitAllocation",
+    "CompressionAllocation",
+]
 
 Objective = Literal["flip_rate", "accuracy_loss"]
 
@@ -283,6 +288,74 @@ class BitAllocation:
             }
         )
         return pd.concat([frame, acts], ignore_index=True)
+
+
+@dataclass(frozen=True)
+class CompressionAllocation:
+    r"""A per-layer strength for any compressor family under a size budget (eq. C24).
+
+    Attributes
+    ----------
+    layer_names : tuple of str, length L
+    strengths : tuple, length L
+        The chosen strength (sparsity, rank, energy, clusters, bits...) of each layer.
+    strength_options : tuple, length S
+        The strengths the knapsack chose from.
+    cost : {"parameters", "bits"}
+        What the budget counts (``theory/compression.md`` eqs. C18-C23).
+    sizes : int array of shape (L, S)
+        Each layer's size at each strength, in ``cost`` units.
+    dense_size : int
+        The float model's size in the same units (:math:`\sum_\ell n_\ell` or
+        :math:`\sum_\ell n_\ell f`).
+    budget : int
+    total : int
+        :math:`\sum_\ell` size of the chosen strengths, :math:`\le` ``budget``.
+    cost_unit : int
+        Costs were rounded up to multiples of this before the exact DP (1: no rounding).
+    objective : str
+        ``"flip_rate"`` or ``"accuracy_loss"``.
+    surrogate : float
+        :math:`\sum_\ell f_\ell(s_\ell)` at the optimum.
+    contributions : float array of shape (L, S)
+        :math:`f_\ell(s)`: the objective with layer :math:`\ell` alone compressed at s.
+    flip_rate, accuracy_loss : float
+        Every layer compressed at its strength, the full closed form.
+    prediction : Prediction
+        That evaluation (with the band when realizations are cached).
+    """
+
+    layer_names: tuple[str, ...]  # (L,)
+    strengths: tuple  # (L,)
+    strength_options: tuple  # (S,)
+    cost: str
+    sizes: np.ndarray = field(repr=False)  # (L, S)
+    dense_size: int
+    budget: int
+    total: int
+    cost_unit: int
+    objective: str
+    surrogate: float
+    contributions: np.ndarray = field(repr=False)  # (L, S)
+    flip_rate: float
+    accuracy_loss: float
+    prediction: Prediction = field(repr=False, default=None)
+
+    def ratio(self) -> float:
+        """The allocation's size over the float model's (e.g. 1 - global sparsity)."""
+        return self.total / float(self.dense_size)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: its strength, size and additive-model term."""
+        col = {s: i for i, s in enumerate(self.strength_options)}
+        idx = [col[s] for s in self.strengths]
+        rows = np.arange(len(self.layer_names))
+        return pd.DataFrame({
+            "layer": list(self.layer_names),
+            "strength": list(self.strengths),
+            self.cost: self.sizes[rows, idx],
+            "contribution": self.contributions[rows, idx],
+        })  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- estimator
@@ -700,6 +773,18 @@ class AccuracyLossEstimator:
             for n, sd in zip(names, seeds, strict=True)
         ]
 
+    def _model_second_moment(self, c: Compressed | None) -> Any:
+        """The error model's second moment of one compressed layer, as the fitted Grams
+        take it (0 for a float layer)."""
+        if c is None:
+            return 0.0
+        v = error_second_moment(c, self.error_variance)
+        if self.level_ == "3L" and self.grams_.channel_grams is None:
+            # per-tensor Grams hold one scalar per layer: the tensor's mean square (rows are
+            # of equal size), which keeps E[||E||^2] but not how it spreads over channels
+            v = np.asarray(np.mean(v))
+        return v
+
     def predict_compression(self, compressor: Any, *, band: bool = True) -> Prediction:
         r"""Predicted flip rate and accuracy loss of any compressor (the cached Grams only).
 
@@ -724,12 +809,7 @@ class AccuracyLossEstimator:
         Prediction
         """
         self._check_fitted()
-        comp = self._compress_layers(compressor)
-        m2 = [0.0 if c is None else error_second_moment(c, self.error_variance) for c in comp]
-        if self.level_ == "3L" and self.grams_.channel_grams is None:
-            # per-tensor Grams hold one scalar per layer: the tensor's mean square (rows are
-            # of equal size), which keeps E[||E||^2] but not how it spreads over channels
-            m2 = [np.asarray(np.mean(v)) for v in m2]
+        m2 = [self._model_second_moment(c) for c in self._compress_layers(compressor)]
         if self.level_ == "3L":
             r = multilayer_distortion(
                 self.grams_, m2, method=self.method, n_rotations=self.n_rotations,
@@ -772,6 +852,134 @@ class AccuracyLossEstimator:
         if not rows:
             raise ValueError("strengths is empty: give at least one strength")
         return pd.DataFrame(rows)
+
+    def allocate_compression(
+        self,
+        make: Any,
+        strengths: Iterable[Any],
+        *,
+        budget: int | None = None,
+        ratio: float | None = None,
+        cost: Literal["parameters", "bits"] = "parameters",
+        objective: Objective = "flip_rate",
+        float_bits: int = 32,
+        resolution: int = 100_000,
+        band: bool = True,
+    ) -> CompressionAllocation:
+        r"""One strength per layer, for any compressor family, under a size budget (eq. C24).
+
+        Per-layer sparsity under a global sparsity (``cost="parameters"``, ``ratio`` = 1 -
+        the global sparsity), per-layer rank under a parameter budget, mixed codebook or
+        non-uniform bits under a model size (``cost="bits"``), all from the cached Grams:
+        each layer is compressed once per strength (its error model and its size, eqs.
+        C18-C23), no backward pass runs.
+
+        Parameters
+        ----------
+        make : callable
+            ``make(strength) -> Compressor`` with per-layer scope (e.g.
+            ``lambda s: MagnitudePruner(s)``, ``lambda r: LowRank(energy=r)``,
+            ``lambda k: KMeansQuantizer(k)``).
+        strengths : iterable
+            The strengths each layer may take (include the mildest you accept).
+        budget : int, optional
+            Largest total size, in ``cost`` units.
+        ratio : float, optional
+            Or the largest size as a fraction of the float model's (exactly one of the two).
+        cost : {"parameters", "bits"}
+            What the budget counts (:func:`~distortion.compressors.size.compressed_size`).
+        objective : {"flip_rate", "accuracy_loss"}
+        float_bits : int, default 32
+            Bits of a stored real number (``cost="bits"`` and the dense size).
+        resolution : int, default 100 000
+            Largest number of cost units of the DP (costs are rounded up to multiples of
+            ``ceil(budget / resolution)``: the result always respects the true budget).
+        band : bool
+            The band of the re-evaluation (needs cached realizations).
+
+        Returns
+        -------
+        CompressionAllocation
+        """
+        from distortion.compressors.size import compressed_size
+
+        self._check_fitted(multilayer=True)
+        if not callable(make):
+            raise ValueError("make must be a callable strength -> Compressor")
+        opts = tuple(strengths)
+        if not opts:
+            raise ValueError("strengths is empty: give at least one strength")
+        if len(set(opts)) != len(opts):
+            raise ValueError(f"strengths must be distinct, got {opts!r}")
+        if cost not in ("parameters", "bits"):
+            raise ValueError(f"cost must be 'parameters' or 'bits', got {cost!r}")
+        if objective not in ("flip_rate", "accuracy_loss"):
+            raise ValueError(f"objective must be 'flip_rate' or 'accuracy_loss', got {objective!r}")
+        if objective == "accuracy_loss" and self.grams_.labels is None:
+            raise ValueError("objective='accuracy_loss' needs labels; use objective='flip_rate'")
+        if isinstance(resolution, bool) or not isinstance(resolution, int | np.integer) \
+                or resolution < 1:  # fmt: skip
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        compressors = [make(s) for s in opts]
+        for s, c in zip(opts, compressors, strict=True):
+            if getattr(c, "scope", "layer") == "global":
+                raise ValueError(f"make({s!r}) has global scope: the allocation chooses a "
+                                 "strength per layer, pass a per-layer compressor")  # fmt: skip
+        n_w = self.grams_.layer_sizes()
+        f_bits = int(float_bits)
+        dense = int(n_w.sum()) * (f_bits if cost == "bits" else 1)
+        if (budget is None) == (ratio is None):
+            raise ValueError("pass exactly one of budget and ratio")
+        if ratio is not None:
+            if not np.isfinite(ratio) or not 0 < ratio:
+                raise ValueError(f"ratio must be a positive fraction of the float size, got "
+                                 f"{ratio!r}")  # fmt: skip
+            budget = int(math.floor(ratio * dense + 1e-9))
+        if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget <= 0:
+            raise ValueError(f"budget must be a positive integer ({cost}), got {budget!r}")
+        L, S = self.grams_.n_layers, len(opts)
+        sizes = np.zeros((L, S), dtype=np.int64)
+        table: list[list[Any]] = [[None] * S for _ in range(L)]
+        for j, comp in enumerate(compressors):  # each layer once per strength
+            for li, c in enumerate(self._compress_layers(comp)):
+                size = compressed_size(c, float_bits=f_bits)
+                sizes[li, j] = size.bits if cost == "bits" else size.parameters
+                table[li][j] = self._model_second_moment(c)
+        cheapest = int(sizes.min(axis=1).sum())
+        if budget < cheapest:
+            raise ValueError(
+                f"budget of {int(budget)} {cost} ({budget / dense:.3g} of the float model) is "
+                f"impossible: the strongest compression of every layer already takes "
+                f"{cheapest}; raise the budget or allow stronger settings"
+            )
+        contrib = layer_contributions(
+            self.grams_, table, list(range(S)),
+            method=self.method, n_rotations=self.n_rotations, seed=self.seed,
+        )  # fmt: skip
+        values = contrib.flip_rate if objective == "flip_rate" else contrib.accuracy_loss
+        unit = max(1, math.ceil(int(budget) / int(resolution)))
+        units = -(-sizes // unit)  # rounded up: the true total stays within the budget
+        sol = knapsack_allocation(units, values, int(budget) // unit)  # (eq. C24, L14)
+        names = self.grams_.layer_names
+        chosen = {n: compressors[int(j)] for n, j in zip(names, sol.choice, strict=True)}
+        pred = self.predict_compression(chosen, band=band)
+        return CompressionAllocation(
+            layer_names=names,
+            strengths=tuple(opts[int(j)] for j in sol.choice),
+            strength_options=opts,
+            cost=cost,
+            sizes=sizes,
+            dense_size=dense,
+            budget=int(budget),
+            total=int(sizes[np.arange(L), sol.choice].sum()),
+            cost_unit=unit,
+            objective=objective,
+            surrogate=float(values[np.arange(L), sol.choice].sum()),
+            contributions=values,
+            flip_rate=pred.flip_rate,
+            accuracy_loss=pred.accuracy_loss,
+            prediction=pred,
+        )
 
     # -- prediction ---------------------------------------------------------------------
     def predict_allocation(

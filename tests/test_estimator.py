@@ -337,3 +337,81 @@ def test_predict_compression_reads_any_compressors_error_model(fitted):
         est.predict_compression({"nope": LowRank(1)})
     with pytest.raises(ValueError, match="Compressor protocol"):
         est.predict_compression("prune")
+
+
+def test_allocate_compression_is_the_exhaustive_optimum(fitted, monkeypatch):
+    """Per-layer sparsity under a global sparsity: the DP's choice is the best of all 3^5
+    allocations of the additive surrogate (each layer's term computed independently, by
+    predict_compression of that layer alone), within the budget, re-evaluated with every
+    layer compressed; no backward pass runs."""
+    from distortion.compressors import MagnitudePruner
+    from distortion.compressors.size import compressed_size
+
+    net, _, _, est = fitted
+
+    def no_backward(*a, **k):
+        raise AssertionError("allocate_compression ran a backward pass")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    opts = (0.2, 0.5, 0.8)
+    alloc = est.allocate_compression(lambda s: MagnitudePruner(s), opts, ratio=0.5, band=False)
+    monkeypatch.undo()
+    term = np.array([[est.predict_compression({n: MagnitudePruner(s)}, band=False).flip_rate
+                      for s in opts] for n in LAYERS])  # fmt: skip
+    size = np.array([[compressed_size(MagnitudePruner(s).compress(
+        net.get_submodule(n).weight.detach().numpy())).parameters for s in opts]
+        for n in LAYERS])  # fmt: skip
+    n_total = sum(net.get_submodule(n).weight.numel() for n in LAYERS)
+    budget = int(np.floor(0.5 * n_total))
+    best = min(
+        (sum(term[i, j] for i, j in enumerate(c)), c)
+        for c in itertools.product(range(3), repeat=len(LAYERS))
+        if sum(size[i, j] for i, j in enumerate(c)) <= budget
+    )
+    assert alloc.budget == budget and alloc.dense_size == n_total and alloc.cost_unit == 1
+    np.testing.assert_allclose(alloc.contributions, term, rtol=1e-10, atol=1e-15)
+    np.testing.assert_array_equal(alloc.sizes, size)
+    assert alloc.surrogate == pytest.approx(best[0], rel=1e-10, abs=1e-15)
+    assert alloc.total <= budget and alloc.ratio() <= 0.5
+    chosen = {n: MagnitudePruner(s) for n, s in zip(LAYERS, alloc.strengths, strict=True)}
+    full = est.predict_compression(chosen, band=False)
+    assert alloc.flip_rate == pytest.approx(full.flip_rate, rel=1e-12)
+    frame = alloc.to_frame()
+    assert list(frame["layer"]) == LAYERS and frame["parameters"].sum() == alloc.total
+    # with a uniform choice allowed, the allocation is at least as good as it
+    uniform = est.predict_compression(MagnitudePruner(0.5), band=False)
+    assert alloc.surrogate <= sum(term[:, 1]) + 1e-15
+    assert alloc.flip_rate <= uniform.flip_rate * 1.5 + 1e-3
+
+
+def test_allocate_compression_codebook_bits_and_rounded_costs(fitted):
+    """Mixed k-means clusters under a model size in bits; with a coarse DP resolution the
+    costs are rounded up and the true total still respects the budget."""
+    from distortion.compressors import KMeansQuantizer, LowRank, MagnitudePruner
+
+    _, _, _, est = fitted
+    n_total = int(est.grams_.layer_sizes().sum())
+    fine = est.allocate_compression(lambda k: KMeansQuantizer(k), (2, 4, 16), cost="bits",
+                                    ratio=3 / 32, band=False)  # fmt: skip
+    assert fine.cost == "bits" and fine.dense_size == 32 * n_total
+    assert fine.total <= fine.budget == int(3 * n_total)
+    assert set(fine.strengths) <= {2, 4, 16} and len(set(fine.strengths)) > 1
+    coarse = est.allocate_compression(lambda k: KMeansQuantizer(k), (2, 4, 16), cost="bits",
+                                      ratio=3 / 32, resolution=50, band=False)  # fmt: skip
+    assert coarse.cost_unit > 1 and coarse.total <= coarse.budget
+    assert coarse.surrogate >= fine.surrogate - 1e-15  # coarser costs: never better
+    # per-layer rank under a parameter budget
+    lr = est.allocate_compression(lambda e: LowRank(energy=e), (0.5, 0.9, 0.99), ratio=0.8,
+                                  band=False)  # fmt: skip
+    assert lr.total <= lr.budget
+    with pytest.raises(ValueError, match="global scope"):
+        est.allocate_compression(lambda s: MagnitudePruner(s, scope="global"), (0.5,), ratio=0.9)
+    with pytest.raises(ValueError, match="impossible"):
+        est.allocate_compression(lambda s: MagnitudePruner(s), (0.1, 0.2), ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        est.allocate_compression(lambda s: MagnitudePruner(s), (0.5,), ratio=0.5, budget=10)
+    with pytest.raises(ValueError, match="empty"):
+        est.allocate_compression(lambda s: MagnitudePruner(s), (), ratio=0.5)
+    with pytest.raises(ValueError, match="cost must"):
+        est.allocate_compression(lambda s: MagnitudePruner(s), (0.5,), ratio=0.5, cost="bytes")

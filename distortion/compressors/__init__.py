@@ -9,7 +9,9 @@ Every class here implements the compressor protocol of :mod:`distortion.compress
 * :class:`KMeansQuantizer` — 1-D k-means weight sharing (Lloyd, or exact by DP);
 * :class:`NonUniformQuantizer` — power companding, powers of two, NF4;
 * :class:`ResidualExpansion` — REx: uniform terms on the successive residuals;
-* :class:`Compose` — several in order, pruned entries held at 0.
+* :class:`Compose` — several in order, pruned entries held at 0;
+* :func:`compressed_size` — what a compressed tensor stores, in parameters and bits (the
+  rule of size budgets, eqs. C18–C23).
 
 numpy only at import; torch tensors in give torch tensors out (same dtype and device), and
 the input is never modified.
@@ -29,11 +31,13 @@ from distortion.compressors.compose import Compose, ComposedTensor
 from distortion.compressors.lowrank import LowRank, LowRankFactors
 from distortion.compressors.pruning import MagnitudePruner, PrunedTensor
 from distortion.compressors.residual import ResidualExpansion, ResidualTerms
+from distortion.compressors.size import CompressedSize, compressed_size
 
 __all__ = [
     "NF4_TABLE",
     "POWER_EXPONENTS",
     "CodebookTensor",
+    "CompressedSize",
     "Compose",
     "ComposedTensor",
     "KMeansQuantizer",
@@ -44,6 +48,7 @@ __all__ = [
     "PrunedTensor",
     "ResidualExpansion",
     "ResidualTerms",
+    "compressed_size",
     "kmeans_1d",
     "log2_levels",
     "nf4_levels",
