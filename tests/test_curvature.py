@@ -82,3 +82,57 @@ def test_bad_input():
         relu_curvature_shift(net, (x, None), {"fc1": qp}, where="middle")
     with pytest.raises(ValueError, match="qparams is empty"):
         relu_curvature_shift(net, (x, None), {})
+
+
+class TanhMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 10)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_second_order_weight_shift_is_half_the_variance_weighted_hessian_trace():
+    """eq. L21 against the exact Hessian (torch.func.hessian, float64): per sample and logit
+    1/2 sum_l sum_c sigma^2_lc tr H_lc, per-channel and per-tensor second moments; the
+    Hutchinson estimate is within 4 of its own standard errors, which shrink as 1/sqrt(P)."""
+    from torch.func import functional_call, hessian
+
+    from distortion.experiments.curvature import second_order_weight_shift
+
+    torch.manual_seed(0)
+    net = TanhMLP().double().eval()
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    s1 = np.linspace(0.01, 0.05, 10)  # per output channel of fc1
+    s2 = 0.03  # per tensor of fc2
+    w1, w2 = net.fc1.weight.detach(), net.fc2.weight.detach()
+
+    def z(a, b):
+        return functional_call(net, {"fc1.weight": a, "fc2.weight": b}, (x,))
+
+    h = hessian(z, argnums=(0, 1))(w1, w2)
+    h11 = h[0][0].reshape(4, 3, 80, 80).diagonal(dim1=-2, dim2=-1).reshape(4, 3, 10, 8)
+    h22 = h[1][1].reshape(4, 3, 30, 30).diagonal(dim1=-2, dim2=-1)
+    exact = 0.5 * ((h11 * torch.as_tensor(s1)[:, None]).sum((-2, -1)) + s2 * h22.sum(-1))
+    exact = exact.detach().numpy()
+    shift, se = second_order_weight_shift(net, (x, None), {"fc1": s1, "fc2": s2},
+                                          n_probes=2000, seed=1)  # fmt: skip
+    assert shift.shape == se.shape == (4, 3)
+    assert np.abs(exact).max() > 6 * se.max()  # a shift the estimate resolves
+    assert np.all(np.abs(shift - exact) < 4 * se + 1e-12)
+    _, se_small = second_order_weight_shift(net, (x, None), {"fc1": s1, "fc2": s2},
+                                            n_probes=500, seed=1)  # fmt: skip
+    assert 1.5 < float(np.median(se_small / se)) < 2.5  # 1/sqrt(P)
+    # the last layer alone is linear in its weights: no second-order shift
+    lin, _ = second_order_weight_shift(net, (x, None), {"fc2": s2}, n_probes=4)
+    assert np.abs(lin).max() < 1e-14
+    with pytest.raises(ValueError, match="n_probes"):
+        second_order_weight_shift(net, (x, None), {"fc2": s2}, n_probes=1)
+    with pytest.raises(ValueError, match="one per output channel"):
+        second_order_weight_shift(net, (x, None), {"fc1": np.ones(3)})
+    with pytest.raises(ValueError, match="no layer"):
+        second_order_weight_shift(net, (x, None), {"nope": 1.0})
+    with pytest.raises(ValueError, match="empty"):
+        second_order_weight_shift(net, (x, None), {})

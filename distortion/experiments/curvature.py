@@ -21,6 +21,13 @@ gradient at unit j's output, a mean shift the first-order model lacks.
 2. one pass injects :math:`b_j(x)` as the tangent of each ReLU output: its logit tangent is
    :math:`\bar s(x)`.
 
+:func:`second_order_weight_shift` is the weights' counterpart of a different kind
+(``theory/multilayer.md`` §15, eq. L21): the mean shift :math:`\tfrac12\sum_\ell
+E[\mathrm{vec}(E_\ell)^\top H_\ell(x)\,\mathrm{vec}(E_\ell)]` from the curvature of the
+logits in the weights (products of the errors of successive layers; a ReLU network's kinks
+have zero second derivative almost everywhere, so this term does not contain A16), estimated
+by Hutchinson probes with forward-over-forward passes.
+
 ReLUs are found by intercepting ``torch.relu`` / ``torch.nn.functional.relu`` (functional or
 ``nn.ReLU`` modules) with a ``TorchFunctionMode``. Torch is imported here.
 """
@@ -38,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from distortion.activations import ActivationQParams
 
-__all__ = ["relu_bias", "relu_curvature_shift"]
+__all__ = ["relu_bias", "relu_curvature_shift", "second_order_weight_shift"]
 
 _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
@@ -173,3 +180,98 @@ def relu_curvature_shift(
         for h in handles:
             h.remove()
     return np.concatenate(out).astype(np.float64)
+
+
+def second_order_weight_shift(
+    model: torch.nn.Module,
+    data: Any,
+    second_moments: Mapping[str, Any],
+    *,
+    n_probes: int = 8,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""The logits' second-order mean shift under independent weight errors (eq. L21).
+
+    :math:`\mu(x) = \tfrac12 \sum_\ell \sum_c \sigma_{\ell c}^2
+    \operatorname{tr} H_{\ell c}(x)`, with :math:`H_{\ell c}` the Hessian of each logit in
+    the weights of channel c of layer :math:`\ell`: what a zero-mean error of these second
+    moments moves the logits by on average at second order. Estimated as
+    :math:`\tfrac12 \overline{\partial_t^2 z(W + t\,\sigma\circ r)}` over ``n_probes``
+    Rademacher draws r (Hutchinson: unbiased, and the least-variance probe), each one
+    forward-over-forward pass (``torch.func.jvp`` of a ``jvp``) in float64.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The float network (evaluated in eval mode on a float64 copy; not modified).
+    data : ImageDataset, (x, y), DataLoader or Dataset
+        The samples (those of the Grams the shift is added to).
+    second_moments : dict of layer name to float or array of shape (C,)
+        :math:`\sigma^2` per tensor or per output channel of each perturbed layer (the
+        error model, e.g. ``compressor.compress(w).second_moment``).
+    n_probes : int, default 8
+        Rademacher draws (>= 2: the standard error needs two).
+    seed : int
+        Seeds the draws (one generator for the whole call).
+    batch_size : int
+
+    Returns
+    -------
+    shift, stderr : ndarrays of shape (N, K)
+        :math:`\mu(x_i)` and the standard error of its estimate (probe to probe).
+    """
+    import copy
+
+    from torch.func import functional_call, jvp
+
+    from distortion.experiments._torch_state import evaluated_on
+    from distortion.experiments.models import get_layer
+    from distortion.experiments.sensitivity import _batches
+
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
+        raise ValueError(f"n_probes must be an integer >= 2, got {n_probes!r}")
+    if not second_moments:
+        raise ValueError("second_moments is empty: give the error model of at least one layer")
+    with evaluated_on(model, "cpu"):
+        net = copy.deepcopy(model).to(torch.float64).eval()
+    params, scales = {}, {}
+    for name, m2 in second_moments.items():
+        try:
+            w = get_layer(net, name).weight.detach()
+        except (AttributeError, KeyError, ValueError) as exc:
+            raise ValueError(f"no layer {name!r} with a weight in the model") from exc
+        v = np.asarray(m2, dtype=np.float64)
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or v.ndim > 1 or \
+                (v.ndim == 1 and v.size != w.shape[0]):  # fmt: skip
+            raise ValueError(f"second moment of {name!r} must be finite, >= 0, a scalar or one "
+                             f"per output channel ({w.shape[0]}), got shape {v.shape}")
+        sd = torch.as_tensor(np.sqrt(v), dtype=torch.float64)
+        params[f"{name}.weight"] = w
+        scales[f"{name}.weight"] = sd.reshape((-1,) + (1,) * (w.ndim - 1)) if v.ndim else sd
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def f(p, x):
+        return functional_call(net, p, (x,))
+
+    shifts, errs = [], []
+    with torch.no_grad():
+        for x, _ in _batches(data, batch_size):
+            x = x.to(torch.float64)
+            draws = []
+            for _ in range(n_probes):
+                tang = {k: scales[k] * (2.0 * torch.randint(0, 2, w.shape, generator=gen,
+                                                            dtype=torch.float64) - 1.0)
+                        for k, w in params.items()}  # fmt: skip
+
+                def first(t, tang=tang, x=x):
+                    moved = {k: params[k] + t * tang[k] for k in params}
+                    return jvp(lambda p: f(p, x), (moved,), (tang,))[1]
+
+                _, d2 = jvp(first, (torch.zeros((), dtype=torch.float64),),
+                            (torch.ones((), dtype=torch.float64),))  # fmt: skip
+                draws.append(0.5 * d2.numpy())  # (eq. L21)
+            d = np.stack(draws)
+            shifts.append(d.mean(0))
+            errs.append(d.std(0, ddof=1) / np.sqrt(n_probes))
+    return np.concatenate(shifts), np.concatenate(errs)

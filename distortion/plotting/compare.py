@@ -227,6 +227,32 @@ def _title(t: pd.DataFrame, keys: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def _plot_measured_flips(
+    ax: Axes, x: np.ndarray, t: pd.DataFrame, positive: list[np.ndarray]
+) -> tuple[float, np.ndarray]:
+    """The measured flip rate at ``x`` with its interval; a measured 0 (no flip) as a
+    downward triangle on the bottom edge with its upper limit. ``positive``: the other drawn
+    series (for the axis range). Returns the bottom edge and every positive value drawn."""
+    m = _col(t, "measured_flip_rate")
+    mlo, mhi = _col(t, "measured_flip_rate_low"), _col(t, "measured_flip_rate_high")
+    allv = np.concatenate([*positive, m, mhi])
+    allv = allv[np.isfinite(allv) & (allv > 0)]
+    floor = float(allv.min()) / 3 if allv.size else 1e-4
+    ok = m > 0
+    yerr = np.vstack([m - np.where(np.isfinite(mlo), np.maximum(mlo, floor), m),
+                      np.where(np.isfinite(mhi), mhi - m, 0.0)])  # fmt: skip
+    ax.errorbar(x[ok], m[ok], yerr=yerr[:, ok], capsize=2, elinewidth=0.8,
+                label="measured (95 % CI)", **_MEASURED_STYLE)  # fmt: skip
+    zero = (m == 0) & np.isfinite(m)
+    if zero.any():
+        ax.plot(x[zero], np.full(zero.sum(), floor), "v", color="k", markersize=5,
+                label="measured: no flip")  # fmt: skip
+        for b, h in zip(x[zero], mhi[zero], strict=True):
+            if np.isfinite(h):
+                ax.plot([b, b], [floor, h], color="k", lw=0.8)
+    return floor, allv
+
+
 def plot_flip_vs_bits(
     table: Any,
     *,
@@ -293,24 +319,7 @@ def plot_flip_vs_bits(
         if np.any(np.isfinite(s)):
             ax.plot(bits, s, label="Sakr et al. bound", **_SAKR_STYLE)
             positive.append(s)
-    m = _col(t, "measured_flip_rate")
-    mlo, mhi = _col(t, "measured_flip_rate_low"), _col(t, "measured_flip_rate_high")
-    positive += [m, mhi]
-    allv = np.concatenate(positive)
-    allv = allv[np.isfinite(allv) & (allv > 0)]
-    floor = float(allv.min()) / 3 if allv.size else 1e-4
-    ok = m > 0
-    yerr = np.vstack([m - np.where(np.isfinite(mlo), np.maximum(mlo, floor), m),
-                      np.where(np.isfinite(mhi), mhi - m, 0.0)])  # fmt: skip
-    ax.errorbar(bits[ok], m[ok], yerr=yerr[:, ok], capsize=2, elinewidth=0.8,
-                label="measured (95 % CI)", **_MEASURED_STYLE)  # fmt: skip
-    zero = (m == 0) & np.isfinite(m)
-    if zero.any():
-        ax.plot(bits[zero], np.full(zero.sum(), floor), "v", color="k", markersize=5,
-                label="measured: no flip")  # fmt: skip
-        for b, h in zip(bits[zero], mhi[zero], strict=True):
-            if np.isfinite(h):
-                ax.plot([b, b], [floor, h], color="k", lw=0.8)
+    floor, allv = _plot_measured_flips(ax, bits, t, positive)
     ax.set_yscale("log")
     top = float(allv.max()) * 2 if allv.size else 1.0
     ax.set_ylim(floor / 1.5, min(1.5, top))

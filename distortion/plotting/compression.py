@@ -27,10 +27,10 @@ import numpy as np
 
 from distortion.plotting.compare import (
     _LEVEL_STYLE,
-    _MEASURED_STYLE,
     _axes,
     _col,
     _plain_formatter,
+    _plot_measured_flips,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,21 +151,9 @@ def plot_flip_vs_error_energy(
         y = _col(t, f"L{lv}L_flip_rate")
         ax.plot(x, y, label=label, markersize=4, **_LEVEL_STYLE[lv])
         positive.append(y)
+    floor, allv = _plot_measured_flips(ax, x, t, positive)
     m = _col(t, "measured_flip_rate")
-    mlo, mhi = _col(t, "measured_flip_rate_low"), _col(t, "measured_flip_rate_high")
-    positive += [m, mhi]
-    allv = np.concatenate(positive)
-    allv = allv[np.isfinite(allv) & (allv > 0)]
-    floor = float(allv.min()) / 3 if allv.size else 1e-4
     ok = m > 0
-    yerr = np.vstack([m - np.where(np.isfinite(mlo), np.maximum(mlo, floor), m),
-                      np.where(np.isfinite(mhi), mhi - m, 0.0)])  # fmt: skip
-    ax.errorbar(x[ok], m[ok], yerr=yerr[:, ok], capsize=2, elinewidth=0.8,
-                label="measured (95 % CI)", **_MEASURED_STYLE)  # fmt: skip
-    zero = (m == 0) & np.isfinite(m)
-    if zero.any():
-        ax.plot(x[zero], np.full(zero.sum(), floor), "v", color="k", markersize=5,
-                label="measured: no flip")  # fmt: skip
     if "strength" in t:
         for xi, yi, s in zip(x, np.where(ok, m, floor), t["strength"], strict=True):
             ax.annotate(f"{s:g}", (xi, yi), textcoords="offset points", xytext=(3, 3),
