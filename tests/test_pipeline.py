@@ -312,9 +312,12 @@ def test_compression_stage_runs_alone(real_data, tmp_path, capsys):
     )
     out = tmp_path / "out"
     assert main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache"), "--quiet", "--no-figures"]) == 0  # fmt: skip
+                 str(tmp_path / "cache"), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "compression families" in printed and "prune-filter" in printed
+    figs = {p.name for p in (out / "compression" / "figures").glob("*.png")}
+    assert figs == {"flip_vs_error_energy_resnet20_all.png", "predicted_vs_measured.png",
+                    "noise_energy_ratio_resnet20_all.png"}  # fmt: skip
     t = pd.read_csv(out / "compression" / "compression.csv")
     assert sorted(set(t["family"])) == ["nf4", "prune-filter"]
     assert len(t) == 5 + 1 and (t["n_eval"] == 40).all()

@@ -31,7 +31,9 @@ def table() -> pd.DataFrame:
                     "measured_flip_rate_low": 0.0, "measured_flip_rate_high": p3 * 1.8,
                     "L2L_flip_rate": p3 * rng.uniform(0.7, 1.3), "L3L_flip_rate": p3,
                     "L3L_flip_rate_low": p3 / 2, "L3L_flip_rate_high": 1.5 * p3,
-                    "noise_energy_ratio": rng.uniform(0.5, 3.0),
+                    "noise_energy_ratio": rng.uniform(0.5, 3.0), "bits": 0,
+                    "measured_accuracy_loss": p3 / 4, "L2L_accuracy_loss": p3 / 5,
+                    "L3L_accuracy_loss": p3 / 5,
                 })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -96,3 +98,21 @@ def test_bad_input_is_a_clear_error(table, tmp_path):
     two = pd.concat([table, table.assign(layers="last")])
     with pytest.raises(ValueError, match="several layer sets"):
         PC.plot_flip_vs_error_energy(two, "svd-energy", model="resnet20")
+
+
+def test_save_compression_figures_one_panel_per_family(table, tmp_path):
+    """What `distortion run`'s compression stage draws: per model the families' panels and
+    the noise energy ratio, and every cell predicted against measured (the rounding figures,
+    one row per bit-width, do not apply: every compression cell has bits 0)."""
+    import matplotlib.image as mpimg
+
+    paths = PC.save_compression_figures(table, tmp_path / "fig")
+    names = sorted(p.name for p in paths)
+    assert names == sorted([
+        "flip_vs_error_energy_resnet20_all.png", "noise_energy_ratio_resnet20_all.png",
+        "flip_vs_error_energy_resnet56_all.png", "noise_energy_ratio_resnet56_all.png",
+        "predicted_vs_measured.png",
+    ])  # fmt: skip
+    for p in paths:
+        assert mpimg.imread(p).shape[0] > 100
+    assert PC.save_compression_figures(table.iloc[:0], tmp_path / "none") == []

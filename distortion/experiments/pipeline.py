@@ -937,7 +937,9 @@ def run_experiment(
             if activations is not None:
                 activations.save(out / "activations", figures=True)
             if compression is not None:
-                save_comparison_figures(compression, out / "compression" / "figures")
+                from distortion.plotting.compression import save_compression_figures
+
+                save_compression_figures(compression, out / "compression" / "figures")
     verdict_table = pd.concat(verdicts, ignore_index=True) if verdicts else None
     if verdict_table is not None:
         if "bits" in verdict_table:  # integers, empty for the H_G rows (not 2.0)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from matplotlib.axes import Axes
 
-__all__ = ["plot_flip_vs_error_energy", "plot_noise_energy_ratio"]
+__all__ = ["plot_flip_vs_error_energy", "plot_noise_energy_ratio", "save_compression_figures"]
 
 _NEEDED = ("family", "relative_error_energy", "measured_flip_rate", "L2L_flip_rate",
            "L3L_flip_rate")  # fmt: skip
@@ -195,3 +195,60 @@ def plot_noise_energy_ratio(
     if legend:
         ax.legend(fontsize="xx-small", frameon=False, ncols=2)
     return ax
+
+
+def save_compression_figures(
+    comparison: Any, out_dir: str | Path, *, dpi: int = 120, panel_size: tuple[float, float] =
+    (4.0, 3.0),
+) -> list[Path]:
+    """Draw the compression study's figures into ``out_dir`` as PNG files; return the paths.
+
+    Per model (and layer set): ``flip_vs_error_energy_<model>.png``, one panel per family
+    (:func:`plot_flip_vs_error_energy`), and ``noise_energy_ratio_<model>.png``
+    (:func:`plot_noise_energy_ratio`); for every cell at once ``predicted_vs_measured.png``
+    (:func:`~distortion.plotting.compare.plot_predicted_vs_measured`, flip rate and loss).
+    """
+    from matplotlib.figure import Figure
+
+    from distortion.plotting.compare import _slug, legend_entries, plot_predicted_vs_measured
+
+    t = _compression_table(comparison)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    if t.empty:
+        return paths
+    w, h = panel_size
+    keys = [k for k in ("model", "layers") if k in t.columns]
+    for key, g in t.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        families = list(dict.fromkeys(g["family"]))
+        ncols = min(4, len(families))
+        nrows = -(-len(families) // ncols)
+        fig = Figure(figsize=(w * ncols + 2.2, h * nrows), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, fam in zip(axes, families, strict=False):
+            plot_flip_vs_error_energy(g, fam, legend=False, ax=ax)
+        for ax in axes[len(families):]:
+            ax.set_axis_off()
+        fig.legend(*legend_entries(axes[: len(families)]), loc="outside right upper",
+                   fontsize="x-small", frameon=False)  # fmt: skip
+        path = out / f"flip_vs_error_energy_{_slug(*key)}.png"
+        fig.savefig(path, dpi=dpi)
+        paths.append(path)
+        if "noise_energy_ratio" in g:
+            fig = Figure(figsize=(w * 1.4, h * 1.1), layout="constrained")
+            plot_noise_energy_ratio(g, ax=fig.subplots())
+            path = out / f"noise_energy_ratio_{_slug(*key)}.png"
+            fig.savefig(path, dpi=dpi)
+            paths.append(path)
+    fig = Figure(figsize=(2 * w * 0.9 + 2.2, h * 1.1), layout="constrained")
+    a1, a2 = fig.subplots(1, 2)
+    plot_predicted_vs_measured(t, a1, quantity="flip", legend=False)
+    plot_predicted_vs_measured(t, a2, quantity="loss", legend=False)
+    fig.legend(*legend_entries([a1, a2]), loc="outside right upper", fontsize="x-small",
+               frameon=False)  # fmt: skip
+    path = out / "predicted_vs_measured.png"
+    fig.savefig(path, dpi=dpi)
+    paths.append(path)
+    return paths
