@@ -606,6 +606,25 @@ def _slug(*parts: Any) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(p)).strip("-") for p in parts)
 
 
+def _save_predicted_vs_measured(
+    t: pd.DataFrame, out: Path, panel_size: tuple[float, float], dpi: int
+) -> Path:
+    """``predicted_vs_measured.png``: every cell, flip rate and loss, one shared legend."""
+    from matplotlib.figure import Figure
+
+    w, h = panel_size
+    fig = Figure(figsize=(2 * w * 0.9 + 2.2, h * 1.1), layout="constrained")
+    a1, a2 = fig.subplots(1, 2)
+    plot_predicted_vs_measured(t, a1, quantity="flip", legend=False)
+    plot_predicted_vs_measured(t, a2, quantity="loss", legend=False)
+    # one legend for both panels, outside them: inside, it would hide points
+    fig.legend(*legend_entries([a1, a2]), loc="outside right upper", fontsize="x-small",
+               frameon=False)  # fmt: skip
+    path = out / "predicted_vs_measured.png"
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def save_comparison_figures(
     comparison: Any,
     out_dir: str | Path,
@@ -658,16 +677,7 @@ def save_comparison_figures(
             path = out / f"{name}_{_slug(*key)}.png"
             fig.savefig(path, dpi=dpi)
             paths.append(path)
-    fig = Figure(figsize=(2 * w * 0.9 + 2.2, h * 1.1), layout="constrained")
-    a1, a2 = fig.subplots(1, 2)
-    plot_predicted_vs_measured(t, a1, quantity="flip", legend=False)
-    plot_predicted_vs_measured(t, a2, quantity="loss", legend=False)
-    # one legend for both panels, outside them: inside, it would hide points
-    fig.legend(*legend_entries([a1, a2]), loc="outside right upper", fontsize="x-small",
-               frameon=False)  # fmt: skip
-    path = out / "predicted_vs_measured.png"
-    fig.savefig(path, dpi=dpi)
-    paths.append(path)
+    paths.append(_save_predicted_vs_measured(t, out, panel_size, dpi))
     fig = Figure(figsize=(2 * w + 2.2, h), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
     plot_abs_error_vs_bits(t, a1, quantity="flip", legend=False)

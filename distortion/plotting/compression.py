@@ -210,7 +210,7 @@ def save_compression_figures(
     """
     from matplotlib.figure import Figure
 
-    from distortion.plotting.compare import _slug, legend_entries, plot_predicted_vs_measured
+    from distortion.plotting.compare import _save_predicted_vs_measured, _slug, legend_entries
 
     t = _compression_table(comparison)
     out = Path(out_dir)
@@ -242,13 +242,5 @@ def save_compression_figures(
             path = out / f"noise_energy_ratio_{_slug(*key)}.png"
             fig.savefig(path, dpi=dpi)
             paths.append(path)
-    fig = Figure(figsize=(2 * w * 0.9 + 2.2, h * 1.1), layout="constrained")
-    a1, a2 = fig.subplots(1, 2)
-    plot_predicted_vs_measured(t, a1, quantity="flip", legend=False)
-    plot_predicted_vs_measured(t, a2, quantity="loss", legend=False)
-    fig.legend(*legend_entries([a1, a2]), loc="outside right upper", fontsize="x-small",
-               frameon=False)  # fmt: skip
-    path = out / "predicted_vs_measured.png"
-    fig.savefig(path, dpi=dpi)
-    paths.append(path)
+    paths.append(_save_predicted_vs_measured(t, out, panel_size, dpi))
     return paths
