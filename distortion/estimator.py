@@ -810,6 +810,10 @@ class AccuracyLossEstimator:
         """
         self._check_fitted()
         m2 = [self._model_second_moment(c) for c in self._compress_layers(compressor)]
+        return self._predict_second_moments(m2, band)
+
+    def _predict_second_moments(self, m2: list[Any], band: bool) -> Prediction:
+        """Level 3L (or 3) from the error model's second moment of every fitted layer."""
         if self.level_ == "3L":
             r = multilayer_distortion(
                 self.grams_, m2, method=self.method, n_rotations=self.n_rotations,
@@ -901,7 +905,7 @@ class AccuracyLossEstimator:
         -------
         CompressionAllocation
         """
-        from distortion.compressors.size import compressed_size
+        from distortion.compressors.size import _check_float_bits, compressed_size
 
         self._check_fitted(multilayer=True)
         if not callable(make):
@@ -926,12 +930,13 @@ class AccuracyLossEstimator:
                 raise ValueError(f"make({s!r}) has global scope: the allocation chooses a "
                                  "strength per layer, pass a per-layer compressor")  # fmt: skip
         n_w = self.grams_.layer_sizes()
-        f_bits = int(float_bits)
+        f_bits = _check_float_bits(float_bits)
         dense = int(n_w.sum()) * (f_bits if cost == "bits" else 1)
         if (budget is None) == (ratio is None):
             raise ValueError("pass exactly one of budget and ratio")
         if ratio is not None:
-            if not np.isfinite(ratio) or not 0 < ratio:
+            if isinstance(ratio, bool) or not isinstance(ratio, int | float | np.number) \
+                    or not np.isfinite(ratio) or not 0 < ratio:  # fmt: skip
                 raise ValueError(f"ratio must be a positive fraction of the float size, got "
                                  f"{ratio!r}")  # fmt: skip
             budget = int(math.floor(ratio * dense + 1e-9))
@@ -961,8 +966,10 @@ class AccuracyLossEstimator:
         units = -(-sizes // unit)  # rounded up: the true total stays within the budget
         sol = knapsack_allocation(units, values, int(budget) // unit)  # (eq. C24, L14)
         names = self.grams_.layer_names
-        chosen = {n: compressors[int(j)] for n, j in zip(names, sol.choice, strict=True)}
-        pred = self.predict_compression(chosen, band=band)
+        # every layer at its strength: the layers compressed above, not compressed again
+        pred = self._predict_second_moments(
+            [table[li][int(j)] for li, j in enumerate(sol.choice)], band
+        )
         return CompressionAllocation(
             layer_names=names,
             strengths=tuple(opts[int(j)] for j in sol.choice),
