@@ -573,6 +573,7 @@ class AccuracyLossEstimator:
         self.level_ = "3"
         self.layers_ = ("last",)
         self.grams_ = None
+        self.bias_correction_ = None
         self._steps = {}
         return self
 
@@ -584,6 +585,7 @@ class AccuracyLossEstimator:
         layers: str | Sequence[str] | None = None,
         granularity: Literal["tensor", "channel"] | None = None,
         competitors: int | None = None,
+        bias_correction: Any = None,
     ) -> AccuracyLossEstimator:
         """Fit the multi-layer model: per-sample Gram matrices of the logit Jacobians.
 
@@ -608,18 +610,36 @@ class AccuracyLossEstimator:
             For many classes: keep the m nearest competitors of each sample (m + 2 backward
             passes per batch instead of K; the prediction's band carries the bound on the
             other classes, ``theory/multilayer.md`` eq. L17-L20). None: all K classes.
+        bias_correction : calibration data or InputMeans, optional
+            Predict for the *bias-corrected* compressed network (each layer's bias shifted by
+            its mean output error on these calibration samples, as DFQ, AIMET and NNCF do at
+            low bits; :mod:`~distortion.experiments.bias_correction`, eq. L22): the Grams are
+            those of the centred inputs (eq. L23), and every prediction of this estimator
+            is then for the corrected network. Pass calibration samples disjoint from
+            ``dataset`` (any form ``dataset`` accepts), or means already computed with
+            :func:`~distortion.experiments.bias_correction.input_means`. Apply the same
+            correction to the network you measure or deploy
+            (``measure(..., bias_correction=self.bias_correction_)``).
 
         Returns
         -------
         self
         """
+        from distortion.experiments.bias_correction import InputMeans, input_means
         from distortion.experiments.sensitivity import gradient_grams
+
+        chosen = self.layers if layers is None else layers
+        means = bias_correction
+        if means is not None and not isinstance(means, InputMeans):
+            means = input_means(
+                model, means, layers=chosen, device=self.device, progress=self.progress
+            )
 
         # another form of data: a ValueError listing the accepted ones (from gradient_grams)
         grams = gradient_grams(
             model,
             dataset,
-            layers=self.layers if layers is None else layers,
+            layers=chosen,
             granularity=granularity or self.quantizer.granularity,
             n_realizations=self.n_realizations,
             batch_size=self.batch_size,
@@ -629,8 +649,11 @@ class AccuracyLossEstimator:
             cache_dir=self.cache_dir,
             progress=self.progress,
             competitors=competitors,
+            input_means=means,
         )
-        return self.fit_grams(grams)
+        self.fit_grams(grams)
+        self.bias_correction_ = means
+        return self
 
     def fit_grams(self, grams: GradientGrams) -> AccuracyLossEstimator:
         """Fit the multi-layer model from already computed :class:`GradientGrams`."""
@@ -642,6 +665,7 @@ class AccuracyLossEstimator:
         self.level_ = "3L"
         self.layers_ = grams.layer_names
         self.features_ = self.W_ = self.b_ = self.labels_ = None
+        self.bias_correction_ = None
         self._steps = {}
         return self
 

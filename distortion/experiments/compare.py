@@ -532,7 +532,12 @@ def _first_images(data: Any, n: int) -> Any:
 
 
 def first_order_actual_flips(
-    model: Any, data: Any, quantized: dict[str, Any], *, batch_size: int = 250
+    model: Any,
+    data: Any,
+    quantized: dict[str, Any],
+    *,
+    batch_size: int = 250,
+    bias_correction: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Logits of the network linearized in its weights, moved by the actual error.
 
@@ -540,6 +545,10 @@ def first_order_actual_flips(
     quantization error of each layer — one forward-mode (JVP) pass. Compared with the
     first-order model under H_U (level 3) it isolates the uniform-error hypothesis; compared
     with the measurement it isolates the linearization.
+
+    With ``bias_correction`` (an :class:`~distortion.experiments.bias_correction.InputMeans`)
+    each layer's output also moves by :math:`-E_\ell \bar u_\ell` (eq. L22), linear in the
+    error: the tangent of the bias-corrected network.
 
     Returns
     -------
@@ -561,19 +570,39 @@ def first_order_actual_flips(
     def f(p, x):
         return functional_call(model, p, (x,))
 
+    handles = []
+    if bias_correction is not None:
+        for name in quantized:
+            module = get_layer(model, name)
+            w0 = params[f"{name}.weight"]
+            m = torch.as_tensor(bias_correction.mean(name), dtype=w0.dtype)
+
+            def shift(mod, args, out, w0=w0, m=m):
+                # inside functional_call mod.weight is the tangent-carrying tensor, so this
+                # is -(W - W0) u_bar: zero at the float point, -E u_bar along the tangent
+                e = (mod.weight - w0).reshape(m.shape[0], w0.shape[0] // m.shape[0], -1)
+                c = torch.einsum("god,gd->go", e, m).reshape(-1)
+                return out - (c.view(1, -1, *([1] * (out.ndim - 2))) if out.ndim > 2 else c)
+
+            handles.append(module.register_forward_hook(shift))
     zs, dzs = [], []
-    with torch.no_grad():
-        for x, _ in data.batches(batch_size):
-            z, dz = jvp(lambda p, x=x: f(p, x), (params,), (tangents,))
-            zs.append(z.double().numpy())
-            dzs.append(dz.double().numpy())
+    try:
+        with torch.no_grad():
+            for x, _ in data.batches(batch_size):
+                z, dz = jvp(lambda p, x=x: f(p, x), (params,), (tangents,))
+                zs.append(z.double().numpy())
+                dzs.append(dz.double().numpy())
+    finally:
+        for h in handles:
+            h.remove()
     z = np.concatenate(zs)
     return z, z + np.concatenate(dzs)
 
 
 def _dither_reference(
-    model, data, q, names, logits, repeats, seed, cache_dir, data_key, progress
-) -> Prediction:
+    model, data, q, names, logits, repeats, seed, cache_dir, data_key, progress,
+    bias_correction=None,
+) -> Prediction:  # fmt: skip
     """Level 3N: the real network with subtractive-dither errors of the real steps."""
     from dataclasses import replace
 
@@ -586,10 +615,11 @@ def _dither_reference(
     dseed = realization_seed(seed, 3, q.bits)
     m = _cached_measurement(
         cache_dir,
-        {**data_key, "quantizer": repr(dq), "seed": dseed, "repeats": int(repeats), "kind": "3N"},
+        {**data_key, "quantizer": repr(dq), "seed": dseed, "repeats": int(repeats), "kind": "3N",
+         **_bc_key(bias_correction)},
         lambda: measure(
             model, data, dq, layers=names, reference_logits=logits, repeats=int(repeats),
-            seed=dseed, progress=progress,
+            seed=dseed, progress=progress, bias_correction=bias_correction,
         ),
     )  # fmt: skip
     n = len(np.asarray(data.labels))
@@ -605,6 +635,11 @@ def _dither_reference(
     )  # fmt: skip
 
 
+def _bc_key(bias_correction: Any) -> dict[str, str]:
+    """The measurement cache's key part for bias correction (nothing without it)."""
+    return {} if bias_correction is None else {"bias_correction": bias_correction.key}
+
+
 def linearized_prediction(
     model: Any,
     data: Any,
@@ -613,14 +648,18 @@ def linearized_prediction(
     labels: np.ndarray,
     *,
     batch_size: int = 250,
+    bias_correction: Any = None,
 ) -> tuple[Prediction, np.ndarray]:
-    r"""Level 2L: the network linearized in its weights, moved by the actual ``errors``.
+    r"""Level 2L: the network linearized in its weights, moved by the actual ``errors``
+    (and, with ``bias_correction``, by the bias shifts that follow them, eq. L22).
 
     Returns the :class:`Prediction` (exact on these images: zero stderr, no band) and the
     first-order logit perturbation :math:`\sum_\ell J_\ell\,\mathrm{vec}(E_\ell)`,
     shape (n_samples, K).
     """
-    z, z_lin = first_order_actual_flips(model, data, errors, batch_size=batch_size)
+    z, z_lin = first_order_actual_flips(
+        model, data, errors, batch_size=batch_size, bias_correction=bias_correction
+    )
     pred_lin = z_lin.argmax(axis=1)
     acc_f = float(np.mean(reference_predictions == labels))
     acc_lin = float(np.mean(pred_lin == labels))
@@ -650,6 +689,7 @@ def compare_all_layers(
     hessian: str = "gauss-newton",
     n_dither_realizations: int = 0,
     competitors: int | None = None,
+    bias_correction: Any = None,
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -687,6 +727,10 @@ def compare_all_layers(
     competitors : int, optional
         Grams of the m nearest competitors only (many classes, ``theory/multilayer.md``
         eq. L17-L20); None: all K.
+    bias_correction : InputMeans, optional
+        Compare the bias-corrected networks (:mod:`~distortion.experiments.bias_correction`):
+        measured with the corrected biases, predicted from the centred Grams (eq. L23); the
+        cells carry ``bias_correction=True``.
 
     Returns
     -------
@@ -707,7 +751,7 @@ def compare_all_layers(
     grams = gradient_grams(
         model, data, layers=layers, granularity="channel" if need_channel else "tensor",
         n_realizations=n_realizations, seed=seed, cache_dir=cache_dir, progress=progress,
-        competitors=competitors,
+        competitors=competitors, input_means=bias_correction,
     )  # fmt: skip
     names = list(grams.layer_names)
     if hessian == "gauss-newton":
@@ -737,17 +781,17 @@ def compare_all_layers(
         m2 = [error_second_moment(comp[name], error_rule) for name in names]
         steps = [comp[name].detail.step for name in names]
         m = _cached_measurement(
-            cache_dir, {**data_key, "quantizer": repr(q), "seed": seed, "kind": "all-layers"},
+            cache_dir,
+            {**data_key, "quantizer": repr(q), "seed": seed, "kind": "all-layers",
+             **_bc_key(bias_correction)},
             lambda q=q: measure(
                 model, data, q, layers=names, reference_logits=logits, seed=seed,
-                progress=progress,
+                progress=progress, bias_correction=bias_correction,
             ),
         )  # fmt: skip
-        l3 = multilayer_distortion(
-            grams, m2, seed=seed, band=grams.projections is not None
-        )
+        l3 = multilayer_distortion(grams, m2, seed=seed, band=grams.projections is not None)
         l2, _ = linearized_prediction(model, data, {k: c.detail for k, c in comp.items()},
-                                      pred, labels)  # fmt: skip
+                                      pred, labels, bias_correction=bias_correction)  # fmt: skip
         sakr = sakr_bound(grams, variances=m2)
         hawq = hawq_v2_sensitivity(trace, [float(np.sum(comp[k].error ** 2)) for k in names])
         key = {
@@ -758,11 +802,13 @@ def compare_all_layers(
             "step_mean": float(np.mean([np.mean(s) for s in steps])),
             "error_second_moment_mean": float(np.mean([np.mean(v) for v in m2])),
         }  # fmt: skip
+        if bias_correction is not None:  # absent otherwise: old tables keep their columns
+            key["bias_correction"] = True
         preds = {"L2L": l2, "L3L": l3.to_prediction()}
         if n_dither_realizations:
             preds["L3N"] = _dither_reference(
                 model, data, q, names, logits, n_dither_realizations, seed, cache_dir,
-                data_key, progress,
+                data_key, progress, bias_correction,
             )  # fmt: skip
         cells.append(ComparisonCell(key, m, preds, sakr, hawq))
     return Comparison.from_cells(cells)

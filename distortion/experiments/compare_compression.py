@@ -192,8 +192,10 @@ def _uncompressed(w: Any):
     return Compressed(w, np.zeros(w64.shape), model, None, None)
 
 
-def compressed_model(model: Any, compressed: dict[str, Any]) -> Any:
-    """A copy of ``model`` whose layers in ``compressed`` have the weights ``values``."""
+def compressed_model(model: Any, compressed: dict[str, Any], *, bias_correction: Any = None) -> Any:
+    """A copy of ``model`` whose layers in ``compressed`` have the weights ``values``;
+    with ``bias_correction`` (an :class:`~distortion.experiments.bias_correction.InputMeans`)
+    their biases are shifted by the output mean error on the calibration inputs (eq. L22)."""
     import torch
 
     from distortion.experiments.models import get_layer
@@ -203,6 +205,17 @@ def compressed_model(model: Any, compressed: dict[str, Any]) -> Any:
         for name, c in compressed.items():
             w = get_layer(out, name).weight
             w.copy_(torch.as_tensor(c.values, dtype=w.dtype, device=w.device))
+    if bias_correction is not None:
+        from distortion.experiments.bias_correction import (
+            apply_bias_correction,
+            bias_corrections,
+        )
+
+        shifts = bias_corrections(
+            {n: get_layer(model, n).weight.detach() for n in compressed},
+            {n: c.values for n, c in compressed.items()}, bias_correction,
+        )  # fmt: skip
+        apply_bias_correction(out, shifts)
     return out
 
 
@@ -217,6 +230,7 @@ def measure_compressed(
     batch_size: int = 500,
     progress: bool = True,
     confidence_level: float = 0.95,
+    bias_correction: Any = None,
 ):
     """Level 4 for any compressor: the compressed network run on ``data``.
 
@@ -232,6 +246,8 @@ def measure_compressed(
         Float logits of the same images.
     predictions : ndarray of shape (N,), optional
         The compressed network's decisions when already known (from a cache): nothing runs.
+    bias_correction : InputMeans, optional
+        Measure the bias-corrected network (see :func:`compressed_model`).
 
     Returns
     -------
@@ -248,7 +264,7 @@ def measure_compressed(
         reference_logits = predict_logits(model, data, progress=progress, desc="float")
     pred_float = np.asarray(reference_logits).argmax(axis=1)
     if predictions is None:
-        cmodel = compressed_model(model, compressed)
+        cmodel = compressed_model(model, compressed, bias_correction=bias_correction)
         logits = predict_logits(
             cmodel, data, batch_size=batch_size, progress=progress, desc="compressed"
         )

@@ -781,6 +781,7 @@ def quantize_model(
     *,
     seed: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    bias_correction: Any = None,
 ) -> tuple[torch.nn.Module, dict[str, QuantizedTensor]]:
     """A copy of ``model`` with the weights of ``layers`` quantized (biases stay float).
 
@@ -795,6 +796,9 @@ def quantize_model(
         Seed of stochastic rounding and dither; layer ``i`` uses ``seed + i``.
     input_shape : tuple of int, optional
         Shape of an input batch (see :func:`resolve_layers`).
+    bias_correction : InputMeans, optional
+        Shift each quantized layer's bias by its output mean error on the calibration
+        inputs (:mod:`~distortion.experiments.bias_correction`, eq. L22).
 
     Returns
     -------
@@ -821,6 +825,17 @@ def quantize_model(
             res = q.quantize(module.weight.detach(), seed=None if seed is None else seed + i)
             module.weight.copy_(res.values)
             out[name] = res
+    if bias_correction is not None:
+        from distortion.experiments.bias_correction import (
+            apply_bias_correction,
+            bias_corrections,
+        )
+
+        shifts = bias_corrections(
+            {n: get_layer(model, n).weight.detach() for n in out},
+            {n: r.values for n, r in out.items()}, bias_correction,
+        )  # fmt: skip
+        apply_bias_correction(qmodel, shifts)
     return qmodel, out
 
 
@@ -879,6 +894,7 @@ def measure(
     progress: bool = True,
     confidence_level: float = 0.95,
     confidence: float | None = None,
+    bias_correction: Any = None,
 ) -> Measurement:
     """Quantize ``layers`` of ``model``, run it on ``dataset`` and compare with the float model.
 
@@ -908,6 +924,8 @@ def measure(
         Level of the intervals (see :class:`Measurement` for what they cover).
     confidence : float, optional
         Deprecated name of ``confidence_level``.
+    bias_correction : InputMeans, optional
+        Measure the bias-corrected network (see :func:`quantize_model`).
 
     Returns
     -------
@@ -943,8 +961,9 @@ def measure(
     shape = (1, *tuple(x0.shape[1:]))
     for r in range(repeats):
         qmodel, qt = quantize_model(
-            model, quantizer, layers, seed=seed + 1000 * r, input_shape=shape
-        )
+            model, quantizer, layers, seed=seed + 1000 * r, input_shape=shape,
+            bias_correction=bias_correction,
+        )  # fmt: skip
         per_layer = (
             {name: quantizer[name] for name in qt}
             if isinstance(quantizer, dict)

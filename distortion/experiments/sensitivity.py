@@ -557,6 +557,7 @@ def gradient_grams(
     progress: bool = True,
     competitors: int | None = None,
     tail_probes: int = 2,
+    input_means: Any = None,
 ) -> GradientGrams:
     r"""Per-sample Gram matrices of the logit Jacobian of each layer, cached on disk.
 
@@ -602,6 +603,11 @@ def gradient_grams(
     tail_probes : int
         Rademacher probes of the Hutchinson estimate of what the other classes could add
         (eq. L18), behind the bound of eq. L19 (0: no bound). Only with ``competitors``.
+    input_means : InputMeans, optional
+        The Grams of the bias-corrected network
+        (:mod:`~distortion.experiments.bias_correction`): every layer's input patches are
+        centred on these calibration means, :math:`U - \bar u\,1^\top` (eq. L23). Must
+        cover every analysed layer (convolutions and linear modules only).
 
     Returns
     -------
@@ -651,9 +657,11 @@ def gradient_grams(
     with evaluated_on(model, device) as dev:
         first_x, _ = next(iter(_batches(data, 2)))
         names = resolve_quantizable(model, layers, first_x.to(dev))
+        centre = _centring(model, names, input_means, first_x.to(dev))
         key = _grams_key(
             model, data_fp, names, granularity, int(n_realizations), int(seed), truncate,
             outputs=_output_fingerprint(model, first_x, dev),
+            centred=None if input_means is None else input_means.key,
         )  # fmt: skip
         path = _paths.cache_dir(cache_dir) / "grams" / f"grams-{key[:24]}.npz"
         # a missing, unreadable, garbled or stale file: a CacheWarning, then recomputed
@@ -663,10 +671,13 @@ def gradient_grams(
                 return cached
         grams = _compute_grams(
             model, data, names, granularity, int(n_realizations), batch_size, int(seed),
-            dev, memory_mb, progress, n_total, labels, key, tqdm, truncate,
+            dev, memory_mb, progress, n_total, labels, key, tqdm, truncate, centre,
         )  # fmt: skip
     meta = dict(grams.meta)
     meta.update({"data": data_fp, "dataset_id": str(getattr(data, "dataset_id", "arrays"))})
+    if input_means is not None:
+        meta["bias_correction"] = {"n_samples": input_means.n_samples,
+                                   "dataset_id": input_means.dataset_id}  # fmt: skip
     info = getattr(model, "distortion_info", None)
     if info is not None and hasattr(info, "to_dict"):
         meta["model"] = info.to_dict()
@@ -681,6 +692,34 @@ def gradient_grams(
                 stacklevel=2,
             )
     return grams
+
+
+def _centring(model: nn.Module, names: list[str], means: Any, example: Any) -> Any:
+    """The input means of ``names`` as tensors (None without bias correction)."""
+    import torch
+
+    if means is None:
+        return None
+    from distortion.experiments.bias_correction import InputMeans, _check_bias_layers
+    from distortion.experiments.models import get_layer
+
+    if not isinstance(means, InputMeans):
+        raise ValueError(
+            f"input_means must be an InputMeans (distortion.experiments.bias_correction."
+            f"input_means(model, calibration_data)), got {type(means).__name__}"
+        )
+    _check_bias_layers(model, names, example)
+    out = {}
+    for n in names:
+        m = means.mean(n)
+        w = get_layer(model, n).weight
+        if w.numel() != w.shape[0] * m.shape[1] or w.shape[0] % m.shape[0]:
+            raise ValueError(
+                f"layer {n!r}: input mean of shape {m.shape} does not fit its weight of shape "
+                f"{tuple(w.shape)} (recompute the means on this model)"
+            )
+        out[n] = torch.as_tensor(m, dtype=torch.float64, device=w.device)
+    return out
 
 
 def _replace_meta(grams: GradientGrams, meta: dict[str, Any]) -> GradientGrams:
@@ -716,6 +755,7 @@ def _grams_key(
     truncate: tuple[int, int] | None = None,
     *,
     outputs: str | None = None,
+    centred: str | None = None,
 ) -> str:
     payload = {
         "cache": "grams",
@@ -732,6 +772,8 @@ def _grams_key(
         # what the network computes, not only its weights: two heads of one network (or
         # one network behind two wrappers) share the state dict but not the logits
         payload["outputs"] = outputs
+    if centred is not None:  # absent without bias correction: those keys do not change
+        payload["input_means"] = centred
     if truncate is not None:  # absent for full Grams: their keys do not change
         payload["competitors"] = truncate[0]
         payload["tail_probes"] = truncate[1]
@@ -741,7 +783,7 @@ def _grams_key(
 
 def _compute_grams(
     model, data, names, granularity, n_real, batch_size, seed, device, memory_mb, progress,
-    n_total, labels, key, tqdm, truncate=None,
+    n_total, labels, key, tqdm, truncate=None, centre=None,
 ) -> GradientGrams:  # fmt: skip
     import torch
 
@@ -843,6 +885,12 @@ def _compute_grams(
                     for n, s in zip(names, sizes, strict=True)
                 }
                 inputs = [_layer_input(rec[3][0], rec[0], rec[3][1]) for _, rec in flat]
+                if centre is not None:  # bias correction: U - mean patch (eq. L23)
+                    inputs = [
+                        u - centre[n].to(u.dtype).view(1, 1, -1) if u.ndim == 3
+                        else u - centre[n].to(u.dtype)[None, :, :, None]
+                        for (n, _), u in zip(flat, inputs, strict=True)
+                    ]  # fmt: skip
                 cols = {n: s[-1] if len(s) == 2 else 0 for n, s in zip(names, shapes, strict=True)}
                 # what each backward pass differentiates: logit c (all K kept), or per
                 # sample z_j - z_yhat for a kept competitor j (eq. L17), or a Rademacher

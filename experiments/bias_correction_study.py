@@ -1,0 +1,131 @@
+"""Issue 16: all layers at 2-4 bits, with and without empirical bias correction.
+
+For each model, granularity and bit-width (symmetric max-range rounding of every layer), on
+the first ``--n`` evaluation images of the default study's split, with the first
+``--calibration`` images of its fit half as calibration set (disjoint):
+
+* the plain network: measured flip rate, 2L (actual error, linearized), 3L (first order under
+  H_U) and its band; and what the actual error's parts do (``theory/multilayer.md`` section 16):
+  ``offsets`` (only the per-channel mean errors E u_bar, as biases, through the real network),
+  ``hybrid`` (offsets through the real network plus the centred error linearized at the float
+  point) and ``hybrid@offset`` (the centred error linearized at the offset network); ``share``
+  columns are the fraction of the 2L miss (measured - 2L) each closes;
+* the bias-corrected network (eq. L22): measured, 2L and 3L from the centred Grams (eq. L23),
+  with the band.
+
+    python experiments/bias_correction_study.py --models resnet20 resnet56 --n 500
+
+Prints one table per model and writes ``bias_correction_study.csv`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _flip(z: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean(z.argmax(axis=1) != ref))
+
+
+def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: bool):
+    from distortion.experiments.bias_correction import (
+        apply_bias_correction,
+        bias_corrections,
+        input_means,
+    )
+    from distortion.experiments.compare import compare_all_layers, first_order_actual_flips
+    from distortion.experiments.data import load_dataset
+    from distortion.experiments.measure import predict_logits, quantize_model
+    from distortion.experiments.models import get_layer, load_model
+    from distortion.experiments.pipeline import fit_evaluate_mask, select_images
+    from distortion.quantize import UniformQuantizer
+
+    ds = load_dataset("cifar10")
+    fit = fit_evaluate_mask(ds.labels, 10, 0.5, 0)
+    ev = select_images(ds, np.flatnonzero(~fit)[:n], f"eval:{n}")
+    cal = select_images(ds, np.flatnonzero(fit)[:n_cal], f"calibration:{n_cal}")
+    model = load_model(name)
+    t0 = time.perf_counter()
+    means = input_means(model, cal, progress=progress)
+    t_means = time.perf_counter() - t0
+    names = list(means.layer_names)
+    qs = [UniformQuantizer(bits=b, granularity=g) for g in ("tensor", "channel") for b in bits]
+    t0 = time.perf_counter()
+    plain = compare_all_layers(model, ev, qs, model_name=name, cache_dir=cache,
+                               progress=progress)  # fmt: skip
+    t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    corrected = compare_all_layers(model, ev, qs, model_name=name, cache_dir=cache,
+                                   progress=progress, bias_correction=means)  # fmt: skip
+    t_bc = time.perf_counter() - t0
+    z0 = predict_logits(model, ev, progress=False)
+    ref = z0.argmax(axis=1)
+    w0 = {k: get_layer(model, k).weight.detach() for k in names}
+    rows = []
+    for q, cp, cb in zip(qs, plain.cells, corrected.cells, strict=True):
+        _, qt = quantize_model(model, q, names)
+        shifts = bias_corrections(w0, {k: t.values for k, t in qt.items()}, means)
+        offset_net = apply_bias_correction(copy.deepcopy(model), {k: -v for k, v in shifts.items()})
+        z_off = predict_logits(offset_net, ev, progress=False)
+        err = {k: q.compress(w0[k], seed=i).detail for i, k in enumerate(names)}
+        z, z_lin_c = first_order_actual_flips(model, ev, err, bias_correction=means)
+        _, z_at_off = first_order_actual_flips(offset_net, ev, err, bias_correction=means)
+        measured = cp.measurement.flip_rate
+        l2 = cp.predictions["L2L"].flip_rate
+        miss = measured - l2
+        row = {
+            "model": name, "granularity": q.granularity, "bits": q.bits, "measured": measured,
+            "L2L": l2, "L3L": cp.predictions["L3L"].flip_rate,
+            "L3L_band": str(cp.predictions["L3L"].flip_rate_band),
+            "offsets": _flip(z_off, ref), "hybrid": _flip(z_off + z_lin_c - z, ref),
+            "hybrid@offset": _flip(z_at_off, ref),
+        }  # fmt: skip
+        for k in ("offsets", "hybrid", "hybrid@offset"):
+            row[f"share_{k}"] = (row[k] - l2) / miss if abs(miss) > 0 else float("nan")
+        b3 = cb.predictions["L3L"]
+        row.update({
+            "bc_measured": cb.measurement.flip_rate, "bc_L2L": cb.predictions["L2L"].flip_rate,
+            "bc_L3L": b3.flip_rate, "bc_L3L_band": str(b3.flip_rate_band),
+            "bc_in_band": bool(b3.flip_rate_band.low <= cb.measurement.flip_rate
+                               <= b3.flip_rate_band.high),
+            "in_band": bool(cp.predictions["L3L"].flip_rate_band.low <= measured
+                            <= cp.predictions["L3L"].flip_rate_band.high),
+        })  # fmt: skip
+        rows.append(row)
+    times = {"means_s": t_means, "plain_s": t_plain, "bias_corrected_s": t_bc}
+    return pd.DataFrame(rows), times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet20"])
+    p.add_argument("--n", type=int, default=500, help="evaluation images")
+    p.add_argument("--calibration", type=int, default=1000, help="calibration images")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    p.add_argument("--cache", default=None, help="cache folder (default $DISTORTION_CACHE)")
+    p.add_argument("--out", default=".", help="folder of bias_correction_study.csv")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    frames = []
+    for name in a.models:
+        df, times = study(name, a.n, a.calibration, a.bits, a.cache, not a.quiet)
+        pd.set_option("display.width", 250)
+        print(f"\n{name}: n={a.n}, calibration={a.calibration}, " + ", ".join(
+            f"{k} {v:.0f}" for k, v in times.items()))  # fmt: skip
+        print(df.drop(columns=["model"]).round(3).to_string(index=False))
+        frames.append(df)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames).to_csv(out / "bias_correction_study.csv", index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
