@@ -325,3 +325,33 @@ def test_compression_stage_runs_alone(real_data, tmp_path, capsys):
     s = pd.read_csv(out / "compression" / "compression_summary.csv")
     assert set(s["family"]) == {"nf4", "prune-filter"}
     assert not (out / "comparison.csv").exists()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_path, capsys):
+    cfg = tmp_path / "bc.toml"
+    cfg.write_text(
+        'name = "bc"\nstages = ["all_layers"]\n[data]\nn = 400\n[models]\nnames = ["resnet20"]\n'
+        '[quantizer]\ngranularity = ["tensor", "channel"]\n'
+        "[all_layers]\nbits = [3, 6]\nn = 40\nbias_correction = 100\n"
+    )
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "bias-corrected" in printed
+    t = pd.read_csv(out / "comparison.csv")
+    assert len(t) == 8
+    assert sorted(set(t["layers"])) == ["all", "all, bias-corrected"]
+    bc = t[t["layers"] == "all, bias-corrected"]
+    assert bc["bias_correction"].all() and not t.loc[t["layers"] == "all", "bias_correction"].any()
+    # the corrected network is another network: its measurement differs somewhere
+    plain = t[t["layers"] == "all"].set_index(["granularity", "bits"])
+    corr = bc.set_index(["granularity", "bits"])
+    assert (plain["measured_flip_rate"] != corr["measured_flip_rate"]).any()
+    assert (out / "figures").is_dir() and any((out / "figures").glob("*.png"))
+    s = pd.read_csv(out / "comparison_summary.csv")
+    assert "all, bias-corrected" in set(s["layers"])
+    with pytest.raises(ValueError, match="all_layers.bias_correction"):
+        ExperimentConfig(all_layers_bias_correction=-1)

@@ -109,7 +109,10 @@ _QUANTITIES = {
 COLUMN_DICTIONARY: dict[str, str] = {
     "model": "network name",
     "problem": "classification problem (10-class, or a sub-problem such as cat-vs-dog)",
-    "layers": "'last' (last layer quantized) or 'all' (every quantizable layer)",
+    "layers": "'last' (last layer quantized), 'all' (every quantizable layer) or 'all, "
+    "bias-corrected' (every layer, each bias shifted by its mean output error, eq. L22)",
+    "bias_correction": "whether the quantized network's biases were corrected (eq. L22; "
+    "all-layer cells only)",
     "n_classes": "number of classes of the problem",
     "bits": "bit-width (integer) of every quantized layer",
     "scheme": "quantizer scheme (symmetric / asymmetric)",
@@ -730,7 +733,7 @@ def compare_all_layers(
     bias_correction : InputMeans, optional
         Compare the bias-corrected networks (:mod:`~distortion.experiments.bias_correction`):
         measured with the corrected biases, predicted from the centred Grams (eq. L23); the
-        cells carry ``bias_correction=True``.
+        cells carry ``bias_correction=True`` and the layer set ``"all, bias-corrected"``.
 
     Returns
     -------
@@ -802,8 +805,9 @@ def compare_all_layers(
             "step_mean": float(np.mean([np.mean(s) for s in steps])),
             "error_second_moment_mean": float(np.mean([np.mean(v) for v in m2])),
         }  # fmt: skip
-        if bias_correction is not None:  # absent otherwise: old tables keep their columns
-            key["bias_correction"] = True
+        key["bias_correction"] = bias_correction is not None
+        if bias_correction is not None:  # its own layer set: summaries and figures apart
+            key["layers"] = "all, bias-corrected"
         preds = {"L2L": l2, "L3L": l3.to_prediction()}
         if n_dither_realizations:
             preds["L3N"] = _dither_reference(

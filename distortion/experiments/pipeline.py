@@ -72,7 +72,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
-    "all_layers": ("bits", "n", "dither_realizations", "competitors"),
+    "all_layers": ("bits", "n", "dither_realizations", "competitors", "bias_correction"),
     "hypotheses": ("bits", "n_components", "layers"),
     "activations": ("n", "calibration", "grid", "granularity", "int8"),
     "compression": ("n", "families", "max_flip_rate"),
@@ -97,6 +97,7 @@ _TOML_KEY: dict[str, str] = {
     "all_layers_bits": "all_layers.bits", "all_layers_n": "all_layers.n",
     "all_layers_dither": "all_layers.dither_realizations",
     "all_layers_competitors": "all_layers.competitors",
+    "all_layers_bias_correction": "all_layers.bias_correction",
     "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
     "hypotheses_layers": "hypotheses.layers", "stages": "stages",
     "activations_n": "activations.n", "activations_calibration": "activations.calibration",
@@ -218,6 +219,7 @@ class ExperimentConfig:
     all_layers_n: int = 2000
     all_layers_dither: int = 0
     all_layers_competitors: int | None = None
+    all_layers_bias_correction: int = 0
     hypotheses_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     n_components: int = 10
     hypotheses_layers: str = "all"
@@ -290,6 +292,8 @@ class ExperimentConfig:
         if self.all_layers_competitors is not None:
             _check_int(k["all_layers_competitors"], self.all_layers_competitors, 1,
                        " (runners-up kept per image)")  # fmt: skip
+        _check_int(k["all_layers_bias_correction"], self.all_layers_bias_correction, 0,
+                   " (calibration images of the bias-corrected cells; 0: none)")  # fmt: skip
         _check_int(k["n_components"], self.n_components, 1, " (principal components)")
         _check_choice(k["hypotheses_layers"], self.hypotheses_layers, ("all", "last"))
         problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
@@ -783,6 +787,7 @@ def run_experiment(
     comp_stage = config.compression_n > 0 and "compression" in st
     n_stages = len(config.models) * (
         2 + ("hypotheses" in st) + ("last_layer" in st) + all_layers + act_stage + comp_stage
+        + (all_layers and config.all_layers_bias_correction > 0)
     ) + 1 + figures
     stage = _Stages(n_stages, stream if main else io.StringIO())  # rank 0 prints
     progress = progress and main
@@ -899,6 +904,12 @@ def run_experiment(
                                 **extra,
                             )  # fmt: skip
                         )
+                if main and config.all_layers_bias_correction:
+                    with stage(f"{name}: all layers, bias-corrected, predicted vs measured"):
+                        parts.append(_bias_corrected_stage(
+                            config, model, name, dataset, first, images, quantizers, cache,
+                            progress, extra,
+                        ))  # fmt: skip
         if main and act_stage:
             with stage(f"{name}: activations (W+A, int8), predicted vs measured"):
                 act_parts.append(_activation_stage(config, model, name, dataset, first, cache,
@@ -961,6 +972,26 @@ def run_experiment(
         D.shutdown_distributed()
     return ExperimentResult(config, out, comparison, stage.timings, accuracies, activations,
                             compression)
+
+
+def _bias_corrected_stage(
+    config: ExperimentConfig, model: Any, name: str, dataset: Any, first: np.ndarray,
+    images: Any, quantizers: Any, cache: Any, progress: bool, extra: dict[str, Any],
+) -> Any:  # fmt: skip
+    """The all-layer cells of the bias-corrected networks (``theory/multilayer.md`` section
+    16): means of every layer's input on the first ``all_layers.bias_correction`` images of
+    the fit part (disjoint from the evaluation images), then the same quantizers."""
+    from distortion.experiments.bias_correction import input_means
+    from distortion.experiments.compare import compare_all_layers
+
+    cal_pos = np.flatnonzero(first)[: config.all_layers_bias_correction]
+    cal = _subset(dataset, cal_pos, f"{dataset.dataset_id}[bias-cal:{len(cal_pos)}]")
+    means = input_means(model, cal, progress=progress)
+    return compare_all_layers(
+        model, images, quantizers, model_name=name, cache_dir=cache, seed=config.seed,
+        progress=progress, n_dither_realizations=config.all_layers_dither,
+        bias_correction=means, **extra,
+    )  # fmt: skip
 
 
 def _activation_stage(
