@@ -359,6 +359,29 @@ class CompressionAllocation:
 
 
 # ----------------------------------------------------------------------------- estimator
+def _first_samples(data: Any, n: int) -> Any:
+    """The first ``n`` samples of any data form ``fit_model`` takes (all if fewer)."""
+    from distortion.experiments.compare import _first_images
+
+    if getattr(data, "images", None) is not None:
+        return _first_images(data, n)
+    import torch
+
+    from distortion.experiments.sensitivity import _batches
+
+    xs, ys, have = [], [], 0
+    for x, y in _batches(data, min(n, 256)):
+        xs.append(x)
+        ys.append(y)
+        have += x.shape[0]
+        if have >= n:
+            break
+    x = torch.cat(xs)[:n]
+    if any(y is None for y in ys):
+        return x
+    return x, torch.cat(ys)[:n]
+
+
 def _check_bits_list(bits: Iterable[int] | int, name: str = "bits") -> np.ndarray:
     """Sorted distinct bit-widths, each an integer in 1..16 (no silent coercion)."""
 
@@ -574,6 +597,7 @@ class AccuracyLossEstimator:
         self.layers_ = ("last",)
         self.grams_ = None
         self.bias_correction_ = None
+        self.input_noise_ = None
         self._steps = {}
         return self
 
@@ -586,6 +610,7 @@ class AccuracyLossEstimator:
         granularity: Literal["tensor", "channel"] | None = None,
         competitors: int | None = None,
         bias_correction: Any = None,
+        input_noise: int = 0,
     ) -> AccuracyLossEstimator:
         """Fit the multi-layer model: per-sample Gram matrices of the logit Jacobians.
 
@@ -620,6 +645,15 @@ class AccuracyLossEstimator:
             :func:`~distortion.experiments.bias_correction.input_means`. Apply the same
             correction to the network you measure or deploy
             (``measure(..., bias_correction=self.bias_correction_)``).
+        input_noise : int
+            Also estimate, on the first ``input_noise`` samples of ``dataset``, how much
+            noise each layer's input carries from the layers before it (the ratios of
+            ``theory/multilayer.md`` eq. L26, :func:`~distortion.experiments.input_noise.
+            input_noise`, cached), and inflate every layer's second moment by it in the
+            predictions (eq. L25, level 3C): the cross-layer term that matters from 3 bits
+            down. A few hundred samples are plenty. 0: first order only. The per-layer
+            costs of :meth:`allocate` stay first-order (additive); its final prediction and
+            :meth:`predict_allocation` include the term.
 
         Returns
         -------
@@ -653,6 +687,17 @@ class AccuracyLossEstimator:
         )
         self.fit_grams(grams)
         self.bias_correction_ = means
+        if isinstance(input_noise, bool) or not isinstance(input_noise, int) or input_noise < 0:
+            raise ValueError(f"input_noise must be an integer >= 0 (samples), got {input_noise!r}")
+        if input_noise:
+            from distortion.experiments.input_noise import input_noise as estimate
+
+            self.input_noise_ = estimate(
+                model, _first_samples(dataset, input_noise),
+                layers=list(grams.layer_names), granularity=grams.meta.get("granularity",
+                self.quantizer.granularity), bias_correction=means, seed=self.seed,
+                device=self.device, cache_dir=self.cache_dir, progress=self.progress,
+            )  # fmt: skip
         return self
 
     def fit_grams(self, grams: GradientGrams) -> AccuracyLossEstimator:
@@ -666,6 +711,7 @@ class AccuracyLossEstimator:
         self.layers_ = grams.layer_names
         self.features_ = self.W_ = self.b_ = self.labels_ = None
         self.bias_correction_ = None
+        self.input_noise_ = None
         self._steps = {}
         return self
 
@@ -727,9 +773,13 @@ class AccuracyLossEstimator:
         return {"hu_deviation": float(dev.max()), "hu_fail_share": float(np.mean(dev > fails))}
 
     def _variances(self, bits: np.ndarray, q: UniformQuantizer) -> list[Any]:
-        return [
-            0.0 if b == 0 else self._variance(i, q.with_bits(int(b))) for i, b in enumerate(bits)
-        ]
+        v = [0.0 if b == 0 else self._variance(i, q.with_bits(int(b))) for i, b in enumerate(bits)]
+        return self._inflated(v)
+
+    def _inflated(self, m2: list[Any]) -> list[Any]:
+        """The second moments with the input-noise term (eq. L25) when it was fitted."""
+        noise = getattr(self, "input_noise_", None)
+        return m2 if noise is None else noise.inflate(m2)
 
     def _quantizer(self, quantizer: UniformQuantizer | None) -> UniformQuantizer:
         q = self.quantizer if quantizer is None else quantizer
@@ -834,6 +884,8 @@ class AccuracyLossEstimator:
         """
         self._check_fitted()
         m2 = [self._model_second_moment(c) for c in self._compress_layers(compressor)]
+        if self.level_ == "3L":
+            m2 = self._inflated(m2)
         return self._predict_second_moments(m2, band)
 
     def _predict_second_moments(self, m2: list[Any], band: bool) -> Prediction:
@@ -1144,7 +1196,7 @@ class AccuracyLossEstimator:
         return AccuracyLossPrediction(
             bits=b_arr,
             accuracy_float=acc_f,
-            level=self.level_,
+            level="3C" if getattr(self, "input_noise_", None) is not None else self.level_,
             method="gauss-hermite" if self.level_ == "3" else self.method,
             layers=tuple(self.layers_),
             quantizer=q,

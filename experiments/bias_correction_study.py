@@ -11,7 +11,9 @@ the first ``--n`` evaluation images of the default study's split, with the first
   point) and ``hybrid@offset`` (the centred error linearized at the offset network); ``share``
   columns are the fraction of the 2L miss (measured - 2L) each closes;
 * the bias-corrected network (eq. L22): measured, 2L and 3L from the centred Grams (eq. L23),
-  with the band.
+  with the band;
+* for both, level 3C: 3L with each layer's second moment inflated by the noise at its input
+  (eq. L25-L26), the ratios estimated on the first ``--noise-images`` evaluation images.
 
     python experiments/bias_correction_study.py --models resnet20 resnet56 --n 500
 
@@ -34,7 +36,16 @@ def _flip(z: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(z.argmax(axis=1) != ref))
 
 
-def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: bool):
+def _band(p) -> str:
+    return f"[{p.flip_rate_band.low:.3f}, {p.flip_rate_band.high:.3f}]"
+
+
+def _inside(p, measured: float) -> bool:
+    return bool(p.flip_rate_band.low <= measured <= p.flip_rate_band.high)
+
+
+def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: bool,
+          n_noise: int):  # fmt: skip
     from distortion.experiments.bias_correction import (
         apply_bias_correction,
         bias_corrections,
@@ -59,11 +70,12 @@ def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: 
     qs = [UniformQuantizer(bits=b, granularity=g) for g in ("tensor", "channel") for b in bits]
     t0 = time.perf_counter()
     plain = compare_all_layers(model, ev, qs, model_name=name, cache_dir=cache,
-                               progress=progress)  # fmt: skip
+                               progress=progress, input_noise_images=n_noise)  # fmt: skip
     t_plain = time.perf_counter() - t0
     t0 = time.perf_counter()
     corrected = compare_all_layers(model, ev, qs, model_name=name, cache_dir=cache,
-                                   progress=progress, bias_correction=means)  # fmt: skip
+                                   progress=progress, bias_correction=means,
+                                   input_noise_images=n_noise)  # fmt: skip
     t_bc = time.perf_counter() - t0
     z0 = predict_logits(model, ev, progress=False)
     ref = z0.argmax(axis=1)
@@ -83,20 +95,23 @@ def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: 
         row = {
             "model": name, "granularity": q.granularity, "bits": q.bits, "measured": measured,
             "L2L": l2, "L3L": cp.predictions["L3L"].flip_rate,
-            "L3L_band": str(cp.predictions["L3L"].flip_rate_band),
+            "L3L_band": _band(cp.predictions["L3L"]),
+            "L3C": cp.predictions["L3C"].flip_rate, "L3C_band": _band(cp.predictions["L3C"]),
             "offsets": _flip(z_off, ref), "hybrid": _flip(z_off + z_lin_c - z, ref),
             "hybrid@offset": _flip(z_at_off, ref),
         }  # fmt: skip
         for k in ("offsets", "hybrid", "hybrid@offset"):
             row[f"share_{k}"] = (row[k] - l2) / miss if abs(miss) > 0 else float("nan")
         b3 = cb.predictions["L3L"]
+        bm = cb.measurement.flip_rate
+        b3c = cb.predictions["L3C"]
         row.update({
-            "bc_measured": cb.measurement.flip_rate, "bc_L2L": cb.predictions["L2L"].flip_rate,
-            "bc_L3L": b3.flip_rate, "bc_L3L_band": str(b3.flip_rate_band),
-            "bc_in_band": bool(b3.flip_rate_band.low <= cb.measurement.flip_rate
-                               <= b3.flip_rate_band.high),
-            "in_band": bool(cp.predictions["L3L"].flip_rate_band.low <= measured
-                            <= cp.predictions["L3L"].flip_rate_band.high),
+            "bc_measured": bm, "bc_L2L": cb.predictions["L2L"].flip_rate,
+            "bc_L3L": b3.flip_rate, "bc_L3L_band": _band(b3),
+            "bc_L3C": b3c.flip_rate, "bc_L3C_band": _band(b3c),
+            "in_band_L3L": _inside(cp.predictions["L3L"], measured),
+            "in_band_L3C": _inside(cp.predictions["L3C"], measured),
+            "bc_in_band_L3L": _inside(b3, bm), "bc_in_band_L3C": _inside(b3c, bm),
         })  # fmt: skip
         rows.append(row)
     times = {"means_s": t_means, "plain_s": t_plain, "bias_corrected_s": t_bc}
@@ -111,15 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     p.add_argument("--cache", default=None, help="cache folder (default $DISTORTION_CACHE)")
     p.add_argument("--out", default=".", help="folder of bias_correction_study.csv")
+    p.add_argument("--noise-images", type=int, default=200,
+                   help="evaluation images of the input-noise ratios (level L3C)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     frames = []
     for name in a.models:
-        df, times = study(name, a.n, a.calibration, a.bits, a.cache, not a.quiet)
+        df, times = study(name, a.n, a.calibration, a.bits, a.cache, not a.quiet,
+                          a.noise_images)
         pd.set_option("display.width", 250)
         print(f"\n{name}: n={a.n}, calibration={a.calibration}, " + ", ".join(
             f"{k} {v:.0f}" for k, v in times.items()))  # fmt: skip
-        print(df.drop(columns=["model"]).round(3).to_string(index=False))
+        print(df.drop(columns=["model"]).round(3).T.to_string(header=False))
         frames.append(df)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,8 +106,11 @@ class InputMeans:
         )
 
 
-def _check_bias_layers(model: Any, names: Sequence[str], example: Any) -> None:
-    """Bias correction needs each layer to be one module with a bias it can shift."""
+def _check_bias_layers(
+    model: Any, names: Sequence[str], example: Any, what: str = "bias correction"
+) -> None:
+    """Bias correction (and the input noise of ``input_noise``) needs each layer to be one
+    module with a bias it can shift and an input a hook can watch."""
     from distortion.experiments.sensitivity import _discovery
 
     found = _discovery(model, example)
@@ -115,13 +118,13 @@ def _check_bias_layers(model: Any, names: Sequence[str], example: Any) -> None:
         sp = found.spec(name)
         if sp.role != "module":
             raise ValueError(
-                f"bias correction is not supported for {name!r}, a {sp.role} projection of "
+                f"{what} is not supported for {name!r}, a {sp.role} projection of "
                 "nn.MultiheadAttention (its bias is packed with the other projections'); "
-                "leave it out of the layers, or compress it without bias correction"
+                f"leave it out of the layers, or compress it without {what}"
             )
         if sp.tied:
             raise ValueError(
-                f"bias correction is not supported for {name!r}: its weight is tied to "
+                f"{what} is not supported for {name!r}: its weight is tied to "
                 f"{list(sp.tied)}, whose biases would need the same shift"
             )
 

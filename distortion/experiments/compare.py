@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -86,9 +86,11 @@ ALL_LAYER_LEVELS = {
     "L3L": "level 3L: the same first-order model with the error model (H_U for rounding)",
     "L3N": "level 3N: the real network with errors drawn from the error model (subtractive "
     "dither with the real steps, exact H_U), over R seeded realizations",
+    "L3C": "level 3L with each layer's second moment inflated by the noise its input carries "
+    "from the layers before it (the cross-layer term E_l n_l, theory/multilayer.md eq. L25)",
 }
 #: The prediction whose band the summary's coverage column reports, per layer set.
-BAND_LEVEL = {"last": "L3", "all": "L3L"}
+BAND_LEVEL = {"last": "L3", "all": "L3L", "all, bias-corrected": "L3L"}
 
 _QUANTITIES = {
     "flip_rate": "expected flip rate (fraction of changed decisions)",
@@ -693,6 +695,7 @@ def compare_all_layers(
     n_dither_realizations: int = 0,
     competitors: int | None = None,
     bias_correction: Any = None,
+    input_noise_images: int = 0,
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -734,6 +737,11 @@ def compare_all_layers(
         Compare the bias-corrected networks (:mod:`~distortion.experiments.bias_correction`):
         measured with the corrected biases, predicted from the centred Grams (eq. L23); the
         cells carry ``bias_correction=True`` and the layer set ``"all, bias-corrected"``.
+    input_noise_images : int
+        Also predict level ``L3C`` (the second moments inflated by the noise at each layer's
+        input, eq. L25-L26), with the ratios estimated on the first ``input_noise_images``
+        evaluation images (:func:`~distortion.experiments.input_noise.input_noise`, two draws
+        per layer, cached). 0: no level L3C.
 
     Returns
     -------
@@ -772,6 +780,20 @@ def compare_all_layers(
     n = len(labels)
     from distortion.experiments.sensitivity import _data_info, _model_hash
 
+    k_noise = input_noise_images
+    if isinstance(k_noise, bool) or not isinstance(k_noise, int | np.integer) or k_noise < 0:
+        raise ValueError(f"input_noise_images must be an integer >= 0, got {k_noise!r}")
+    noise = {}
+    if input_noise_images:
+        from distortion.experiments.input_noise import input_noise
+
+        sub = _first_images(data, int(input_noise_images))
+        for g in dict.fromkeys(q.granularity for q in quantizers):
+            noise[g] = input_noise(
+                model, sub, layers=names, granularity=g, bias_correction=bias_correction,
+                seed=seed, cache_dir=cache_dir, progress=progress,
+            )  # fmt: skip
+
     data_key = {"model": _model_hash(model), "data": _data_info(data)[2], "layers": names}
     cells = []
     for q in quantizers:
@@ -809,6 +831,12 @@ def compare_all_layers(
         if bias_correction is not None:  # its own layer set: summaries and figures apart
             key["layers"] = "all, bias-corrected"
         preds = {"L2L": l2, "L3L": l3.to_prediction()}
+        if noise:
+            preds["L3C"] = multilayer_distortion(
+                grams, noise[q.granularity].inflate(m2), seed=seed,
+                band=grams.projections is not None,
+            ).to_prediction()  # fmt: skip
+            preds["L3C"] = replace(preds["L3C"], level="3C")
         if n_dither_realizations:
             preds["L3N"] = _dither_reference(
                 model, data, q, names, logits, n_dither_realizations, seed, cache_dir,

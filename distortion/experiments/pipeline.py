@@ -72,7 +72,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
-    "all_layers": ("bits", "n", "dither_realizations", "competitors", "bias_correction"),
+    "all_layers": ("bits", "n", "dither_realizations", "competitors", "bias_correction",
+                   "input_noise"),
     "hypotheses": ("bits", "n_components", "layers"),
     "activations": ("n", "calibration", "grid", "granularity", "int8"),
     "compression": ("n", "families", "max_flip_rate"),
@@ -98,6 +99,7 @@ _TOML_KEY: dict[str, str] = {
     "all_layers_dither": "all_layers.dither_realizations",
     "all_layers_competitors": "all_layers.competitors",
     "all_layers_bias_correction": "all_layers.bias_correction",
+    "all_layers_input_noise": "all_layers.input_noise",
     "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
     "hypotheses_layers": "hypotheses.layers", "stages": "stages",
     "activations_n": "activations.n", "activations_calibration": "activations.calibration",
@@ -220,6 +222,7 @@ class ExperimentConfig:
     all_layers_dither: int = 0
     all_layers_competitors: int | None = None
     all_layers_bias_correction: int = 0
+    all_layers_input_noise: int = 0
     hypotheses_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     n_components: int = 10
     hypotheses_layers: str = "all"
@@ -294,6 +297,8 @@ class ExperimentConfig:
                        " (runners-up kept per image)")  # fmt: skip
         _check_int(k["all_layers_bias_correction"], self.all_layers_bias_correction, 0,
                    " (calibration images of the bias-corrected cells; 0: none)")  # fmt: skip
+        _check_int(k["all_layers_input_noise"], self.all_layers_input_noise, 0,
+                   " (images of the input-noise ratios, level L3C; 0: none)")  # fmt: skip
         _check_int(k["n_components"], self.n_components, 1, " (principal components)")
         _check_choice(k["hypotheses_layers"], self.hypotheses_layers, ("all", "last"))
         problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
@@ -891,6 +896,8 @@ def run_experiment(
                         )  # fmt: skip
                     if main:
                         extra = {} if competitors is None else {"competitors": competitors}
+                        if config.all_layers_input_noise:
+                            extra["input_noise_images"] = config.all_layers_input_noise
                         parts.append(
                             compare_all_layers(
                                 model,

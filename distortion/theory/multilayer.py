@@ -63,6 +63,7 @@ __all__ = [
     "Truncation",
     "knapsack_allocation",
     "layer_contributions",
+    "input_noise_inflation",
     "margin_statistics",
     "multilayer_distortion",
     "noise_covariance",
@@ -536,6 +537,51 @@ def _check_variances(grams: GradientGrams, variances: Sequence[Any]) -> list[np.
             a = np.asarray(a[0])
         out.append(a)
     return out
+
+
+def input_noise_inflation(
+    variances: Sequence[Any], ratios: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    r"""Second moments inflated by the noise at each layer's input (eq. L25-L26).
+
+    Parameters
+    ----------
+    variances : sequence of length L
+        Each layer's error second moment (scalar, or one per output channel; 0 or None: the
+        layer stays in float), as :func:`multilayer_distortion` takes them.
+    ratios : array of shape (L, L)
+        :math:`A_{\ell j}`: the energy of the first-order noise at layer :math:`\ell`'s
+        input caused by a unit-variance error in layer :math:`j` (channel profile of the
+        draws), relative to the energy of that input
+        (:func:`distortion.experiments.input_noise.input_noise`); zero for :math:`j \ge \ell`.
+
+    Returns
+    -------
+    inflated : list of ndarray
+        :math:`\sigma^2_{\ell c}\,(1 + \rho_\ell)`.
+    rho : ndarray of shape (L,)
+        :math:`\rho_\ell = \sum_j \bar\sigma_j^2 A_{\ell j}`, with
+        :math:`\bar\sigma_j^2` the mean over channels of layer :math:`j`'s second moment.
+    """
+    a = np.asarray(ratios, dtype=np.float64)
+    n = len(variances)
+    if a.shape != (n, n):
+        raise ValueError(
+            f"ratios must be an ({n}, {n}) array (one row and column per layer), got {a.shape}"
+        )
+    if not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise ValueError("ratios must be finite and >= 0 (energy ratios)")
+    v = []
+    for i, x in enumerate(variances):
+        arr = np.zeros(()) if x is None else np.asarray(x, dtype=np.float64)
+        if arr.ndim > 1 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(
+                f"variance {i} must be a finite scalar or 1-d array >= 0, got shape {arr.shape}"
+            )
+        v.append(arr)
+    mean = np.array([float(np.mean(x)) if x.size else 0.0 for x in v])
+    rho = a @ mean
+    return [x * (1.0 + r) for x, r in zip(v, rho, strict=True)], rho
 
 
 def noise_covariance(grams: GradientGrams, variances: Sequence[Any]) -> np.ndarray:

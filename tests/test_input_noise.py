@@ -1,0 +1,158 @@
+"""The input-noise ratios of eq. L26 (theory/multilayer.md section 16) against closed forms.
+
+In a network without nonlinearity the first-order noise at a later layer's input is exactly
+linear in the error, and its expected energy under unit-variance errors has a closed form:
+E||eps x||^2 = sum_o prof_o^2 ||x||^2 for a linear layer, and the patch energies for a
+convolution. The Monte Carlo estimate must sit within 4 standard errors of it (float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from distortion.experiments.bias_correction import input_means  # noqa: E402
+from distortion.experiments.input_noise import InputNoise, input_noise  # noqa: E402
+from distortion.theory.multilayer import input_noise_inflation  # noqa: E402
+
+
+class Lin3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(6, 5)
+        self.l2 = nn.Linear(5, 4)
+        self.l3 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.l3(self.l2(self.l1(x)))
+
+
+def _data(n=40, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, d), generator=g, dtype=torch.float64) + 0.5
+    return x, torch.zeros(n, dtype=torch.long)
+
+
+def _profile(w):
+    p = w.detach().abs().reshape(w.shape[0], -1).max(1).values.numpy()
+    return p / np.sqrt(np.mean(p**2))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_linear_network_ratios_match_the_closed_form(granularity, corrected):
+    torch.manual_seed(0)
+    net = Lin3().double().eval()
+    x, y = _data()
+    means = input_means(net, (x, y), progress=False) if corrected else None
+    r = input_noise(net, (x, y), granularity=granularity, n_draws=400, bias_correction=means,
+                    cache=False, progress=False)  # fmt: skip
+    with torch.no_grad():
+        a1 = net.l1(x)
+        a2 = net.l2(a1)
+
+    def centre(a):
+        return a - a.mean(0) if corrected else a
+
+    prof1 = _profile(net.l1.weight) if granularity == "channel" else np.ones(5)
+    prof2 = _profile(net.l2.weight) if granularity == "channel" else np.ones(4)
+    e0, e1, e2 = (float((centre(a) ** 2).sum()) for a in (x, a1, a2))
+    w2 = net.l2.weight.detach().numpy()
+    exact = np.zeros((3, 3))
+    exact[1, 0] = np.sum(prof1**2) * e0 / e1  # E||eps1 (x - xbar)||^2 / E||a1 - abar||^2
+    exact[2, 0] = float(np.sum(prof1**2 * np.sum(w2**2, axis=0))) * e0 / e2
+    exact[2, 1] = np.sum(prof2**2) * e1 / e2
+    assert r.ratios.shape == (3, 3) and r.bias_corrected == corrected
+    assert np.all(r.ratios[np.triu_indices(3)] == 0)
+    low = np.tril_indices(3, -1)
+    z = (r.ratios[low] - exact[low]) / r.ratios_stderr[low]
+    assert np.all(np.abs(z) < 4), (r.ratios, exact, z)
+    assert np.all(r.ratios_stderr[low] < 0.1 * exact[low])  # the test can fail
+
+
+def test_convolution_ratio_matches_the_patch_energy():
+    torch.manual_seed(1)
+
+    class Conv2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+            self.c2 = nn.Conv2d(3, 2, 3, padding=1)
+            self.fc = nn.Linear(2 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.c2(self.c1(x)).flatten(1))
+
+    net = Conv2().double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand((10, 2, 8, 8), generator=g, dtype=torch.float64)
+    r = input_noise(net, (x, torch.zeros(10, dtype=torch.long)), n_draws=300, cache=False,
+                    progress=False)  # fmt: skip
+    u = F.unfold(x, 3, padding=1, stride=2)  # (N, 18, P)
+    with torch.no_grad():
+        a1 = net.c1(x)
+    exact = 3 * float((u**2).sum()) / float((a1**2).sum())  # 3 output channels, unit variance
+    assert abs(r.ratios[1, 0] - exact) < 4 * r.ratios_stderr[1, 0]
+    assert r.ratios_stderr[1, 0] < 0.1 * exact
+
+
+def test_inflation_and_cache(tmp_path):
+    a = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 4.0, 0.0]])
+    inflated, rho = input_noise_inflation([0.1, np.array([0.2, 0.4]), None], a)
+    np.testing.assert_allclose(rho, [0.0, 0.2, 0.1 + 4 * 0.3])
+    np.testing.assert_allclose(inflated[1], [0.2 * 1.2, 0.4 * 1.2])
+    assert float(inflated[2]) == 0.0
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        input_noise_inflation([0.1, 0.2, 0.3], np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="finite"):
+        input_noise_inflation([0.1, 0.2, 0.3], -np.ones((3, 3)))
+    torch.manual_seed(0)
+    net = Lin3().double().eval()
+    x, y = _data(8)
+    kw = {"n_draws": 2, "cache_dir": tmp_path, "progress": False}
+    r1 = input_noise(net, (x, y), **kw)
+    r2 = input_noise(net, (x, y), **kw)  # from the cache
+    assert isinstance(r2, InputNoise) and r2.key == r1.key
+    np.testing.assert_array_equal(r1.ratios, r2.ratios)
+    assert input_noise(net, (x, y), **{**kw, "granularity": "channel"}).key != r1.key
+    frame = r1.to_frame()
+    assert set(frame.columns) == {"layer", "upstream", "ratio", "ratio_stderr"} and len(frame) == 3
+    with pytest.raises(ValueError, match="granularity"):
+        input_noise(net, (x, y), granularity="row", cache=False)
+    with pytest.raises(ValueError, match="n_draws"):
+        input_noise(net, (x, y), n_draws=0, cache=False)
+    with pytest.raises(ValueError, match="InputMeans"):
+        input_noise(net, (x, y), bias_correction={"l1": 0}, cache=False)
+
+
+def test_estimator_and_comparison_use_the_inflated_moments():
+    from distortion.estimator import AccuracyLossEstimator
+    from distortion.experiments.models import get_layer
+    from distortion.quantize import UniformQuantizer
+    from distortion.theory.multilayer import multilayer_distortion
+
+    torch.manual_seed(3)
+    net = Lin3().double().eval()
+    x, y = _data(60, seed=4)
+    y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(5))
+    q = UniformQuantizer(bits=3)
+    kw = {"quantizer": q, "progress": False, "cache_dir": None, "n_realizations": 0}
+    est = AccuracyLossEstimator(**kw).fit_model(net, (x, y), input_noise=30)
+    plain = AccuracyLossEstimator(**kw).fit_model(net, (x, y))
+    assert isinstance(est.input_noise_, InputNoise) and est.input_noise_.n_samples == 30
+    assert plain.input_noise_ is None
+    m2 = [q.compress(get_layer(net, n).weight.detach()).error_model.second_moment
+          for n in ("l1", "l2", "l3")]  # fmt: skip
+    inflated = est.input_noise_.inflate(m2)
+    assert all(float(a) >= float(b) for a, b in zip(inflated, m2, strict=True))
+    assert float(inflated[2]) > float(m2[2])  # the last layer's input carries noise
+    ref = multilayer_distortion(est.grams_, inflated, band=False)
+    pred = est.predict(bits=[3])
+    assert pred.level == "3C" and plain.predict(bits=[3]).level == "3L"
+    assert pred.flip_rate[0] == pytest.approx(ref.flip_rate, rel=1e-9)
+    with pytest.raises(ValueError, match="input_noise must be"):
+        AccuracyLossEstimator(**kw).fit_model(net, (x, y), input_noise=-1)
