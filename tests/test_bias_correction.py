@@ -275,3 +275,23 @@ def test_estimator_and_measurement_of_the_corrected_network():
         corrected_flips = float(np.mean((qnet(x).argmax(1) != net(x).argmax(1)).numpy()))
     m = measure(net, (x, y), q, layers=LAYERS, bias_correction=means, progress=False)
     assert m.flip_rate == pytest.approx(corrected_flips)
+
+
+def test_any_compressor_gets_the_same_correction():
+    from distortion.compressors import MagnitudePruner
+    from distortion.experiments.compare_compression import compress_layers, compressed_model
+
+    net = _net()
+    x, y = _data(16, 9)
+    means = input_means(net, (x, y), progress=False)
+    weights = {n: get_layer(net, n).weight.detach() for n in LAYERS}
+    comp = compress_layers(MagnitudePruner(0.5), weights)
+    plain = compressed_model(net, comp)
+    corrected = compressed_model(net, comp, bias_correction=means)
+    assert torch.equal(plain.conv1.weight, corrected.conv1.weight)
+    assert plain.conv2.bias is None and corrected.conv2.bias is not None
+    with torch.no_grad():
+        err = corrected.conv1(x) - net.conv1(x)
+        err_plain = plain.conv1(x) - net.conv1(x)
+    assert np.abs(err.mean((0, 2, 3)).numpy()).max() < 1e-13
+    assert np.abs(err_plain.mean((0, 2, 3)).numpy()).max() > 1e-3

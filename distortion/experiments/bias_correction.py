@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["InputMeans", "apply_bias_correction", "bias_corrections", "input_means"]
+__all__ = [
+    "InputMeans",
+    "apply_bias_correction",
+    "bias_corrections",
+    "correct_compressed",
+    "input_means",
+]
 
 
 @dataclass(frozen=True)
@@ -295,3 +301,16 @@ def apply_bias_correction(model: Any, corrections: Mapping[str, np.ndarray]) -> 
             else:
                 module.bias.sub_(shift)
     return model
+
+
+def correct_compressed(
+    model: Any, compressed_model: Any, values: Mapping[str, Any], means: InputMeans
+) -> Any:
+    """Shift the biases of ``compressed_model`` (a copy of ``model`` whose layers ``values``
+    hold the compressed weights) by eq. L22, in place; returns it."""
+    from distortion.experiments.models import get_layer
+
+    shifts = bias_corrections(
+        {n: get_layer(model, n).weight.detach() for n in values}, values, means
+    )
+    return apply_bias_correction(compressed_model, shifts)

@@ -206,16 +206,10 @@ def compressed_model(model: Any, compressed: dict[str, Any], *, bias_correction:
             w = get_layer(out, name).weight
             w.copy_(torch.as_tensor(c.values, dtype=w.dtype, device=w.device))
     if bias_correction is not None:
-        from distortion.experiments.bias_correction import (
-            apply_bias_correction,
-            bias_corrections,
-        )
+        from distortion.experiments.bias_correction import correct_compressed
 
-        shifts = bias_corrections(
-            {n: get_layer(model, n).weight.detach() for n in compressed},
-            {n: c.values for n, c in compressed.items()}, bias_correction,
-        )  # fmt: skip
-        apply_bias_correction(out, shifts)
+        correct_compressed(model, out, {n: c.values for n, c in compressed.items()},
+                           bias_correction)  # fmt: skip
     return out
 
 

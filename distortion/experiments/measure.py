@@ -826,16 +826,9 @@ def quantize_model(
             module.weight.copy_(res.values)
             out[name] = res
     if bias_correction is not None:
-        from distortion.experiments.bias_correction import (
-            apply_bias_correction,
-            bias_corrections,
-        )
+        from distortion.experiments.bias_correction import correct_compressed
 
-        shifts = bias_corrections(
-            {n: get_layer(model, n).weight.detach() for n in out},
-            {n: r.values for n, r in out.items()}, bias_correction,
-        )  # fmt: skip
-        apply_bias_correction(qmodel, shifts)
+        correct_compressed(model, qmodel, {n: r.values for n, r in out.items()}, bias_correction)
     return qmodel, out
 
 
