@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         "--realizations", type=int, default=40, help="simulated error realizations (bands)"
     )
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument(
+        "--bias-correction", type=int, default=0, metavar="N",
+        help="quantize with bias correction (theory/multilayer.md eq. L22), calibrated on the "
+        "N test images after the first --n (disjoint); predict from the centred Grams (L23)",
+    )  # fmt: skip
+    ap.add_argument("--out", default=None, help=f"output folder (default {OUT_DIR})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -88,11 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.n)
     model = load_model(args.model)
     timings: dict[str, float] = {}
+    out_dir = Path(args.out) if args.out else OUT_DIR
+    means = None
+    if args.bias_correction:
+        from distortion.experiments.bias_correction import input_means
+        from distortion.experiments.pipeline import select_images
+
+        full = load_dataset(shared / "data" / "cifar10" / "test.npz")
+        if len(data) + args.bias_correction > len(full):
+            raise SystemExit(f"--n {len(data)} + --bias-correction {args.bias_correction} "
+                             f"exceeds the {len(full)} test images")  # fmt: skip
+        cal = select_images(full, np.arange(len(data), len(data) + args.bias_correction), "cal")
+        means = input_means(model, cal, progress=progress)
 
     t = time.perf_counter()
     grams = gradient_grams(
         model, data, layers="all", n_realizations=args.realizations, cache_dir=args.cache_dir,
-        progress=progress,
+        progress=progress, input_means=means,
     )  # fmt: skip
     timings["gradient_grams_s"] = time.perf_counter() - t
     timings["gradient_grams_computed_s"] = grams.meta.get("seconds", float("nan"))
@@ -115,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # measured decisions of each (bits, layer), saved so that a rerun can skip the forward
     # passes (--reuse-measured): the same model, images and quantizer give the same decisions
-    pred_file = OUT_DIR / f"measured-{args.model}-n{len(data)}.npz"
+    bc = f"-bc{args.bias_correction}" if args.bias_correction else ""
+    pred_file = out_dir / f"measured-{args.model}-n{len(data)}{bc}.npz"
     reused: dict[tuple[int, str], np.ndarray] = {}
     if args.reuse_measured and pred_file.is_file():
         with np.load(pred_file) as z:
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             if (bits, name) in reused:
                 pq = reused[(bits, name)]
             else:
-                qmodel, _ = quantize_model(model, q, [name])
+                qmodel, _ = quantize_model(model, q, [name], bias_correction=means)
                 with torch.inference_mode():
                     pq = predict_logits(qmodel, data, progress=False).argmax(axis=1)
             t_measure += time.perf_counter() - t
@@ -212,16 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         summary["ceiling_median"] = [ceil.get(k, [np.nan] * 3)[1] for k in summary["set"]]
         summary["ceiling_p95"] = [ceil.get(k, [np.nan] * 3)[2] for k in summary["set"]]
         summary["measured_in_band"] = [ceil.get(f"{k} in band", np.nan) for k in summary["set"]]
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(pred_file, **{f"{b}:{n}": v for (b, n), v in reused.items()})
-    table.to_csv(OUT_DIR / "table.csv", index=False)
-    summary.to_csv(OUT_DIR / "spearman.csv", index=False)
+    table.to_csv(out_dir / "table.csv", index=False)
+    summary.to_csv(out_dir / "spearman.csv", index=False)
     info = {
         "model": args.model, "n_images": len(data), "hessian_images": len(hdata),
         "hessian_draws": args.hessian_draws, "float_accuracy": float(np.mean(pred_float == labels)),
+        "bias_correction": args.bias_correction,
         **timings,
     }  # fmt: skip
-    (OUT_DIR / "info.json").write_text(json.dumps(info, indent=2))
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     with pd.option_context("display.width", 160, "display.max_rows", 200):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print()

@@ -1,0 +1,105 @@
+"""One-time cost of the input-noise ratios (level 3C) against the Grams, and the prediction.
+
+For one network (default ResNet-56, every layer) and N CIFAR-10 test images, in one run:
+
+- the per-sample Grams (``gradient_grams``, per channel, cache off): one forward and K
+  backward passes per batch;
+- the input-noise ratios of eq. L26 (``input_noise``, cache off) on the first ``--noise-n``
+  of those images: one forward-mode pass per layer and draw;
+- the prediction from what is cached, 3L and 3C (``multilayer_distortion`` with and without
+  the inflation of eq. L25, band included), median of ``--repeats`` runs, at 3 bits per
+  tensor.
+
+Prints the times, the ratio of the two one-time costs, and the load (``uptime``) before and
+after. ``--bias-correction M`` does the same for the bias-corrected network (M calibration
+images after the first N).
+
+    python benchmarks/bench_input_noise.py --model resnet56 --n 500 --noise-n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:  # pragma: no cover
+        return "uptime unavailable"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--noise-n", type=int, default=200)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--bias-correction", type=int, default=0, metavar="M")
+    ap.add_argument("--repeats", type=int, default=20)
+    a = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from distortion.experiments import _paths
+    from distortion.experiments.bias_correction import input_means
+    from distortion.experiments.compare import _first_images
+    from distortion.experiments.data import load_dataset
+    from distortion.experiments.input_noise import input_noise
+    from distortion.experiments.models import get_layer, load_model
+    from distortion.experiments.pipeline import select_images
+    from distortion.experiments.sensitivity import gradient_grams
+    from distortion.quantize import UniformQuantizer
+    from distortion.theory.multilayer import multilayer_distortion
+
+    print("load before:", _uptime(), "| threads:", torch.get_num_threads())
+    full = load_dataset(_paths.shared_dir() / "data" / "cifar10" / "test.npz")
+    data = select_images(full, np.arange(a.n), f"first:{a.n}")
+    model = load_model(a.model)
+    means = None
+    if a.bias_correction:
+        cal = select_images(full, np.arange(a.n, a.n + a.bias_correction), "cal")
+        means = input_means(model, cal, progress=False)
+    t = time.perf_counter()
+    grams = gradient_grams(model, data, granularity="channel", cache=False, progress=False,
+                           input_means=means)  # fmt: skip
+    t_grams = time.perf_counter() - t
+    t = time.perf_counter()
+    noise = input_noise(model, _first_images(data, a.noise_n), layers=list(grams.layer_names),
+                        bias_correction=means, cache=False, progress=False)  # fmt: skip
+    t_noise = time.perf_counter() - t
+    q = UniformQuantizer(a.bits)
+    m2 = [
+        q.compress(get_layer(model, n).weight.detach()).error_model.second_moment
+        for n in grams.layer_names
+    ]
+
+    def timed(f) -> tuple[float, object]:
+        ts, r = [], None
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            r = f()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts), r
+
+    t3l, r3l = timed(lambda: multilayer_distortion(grams, m2, band=True))
+    t3c, r3c = timed(lambda: multilayer_distortion(grams, noise.inflate(m2), band=True))
+    n_layers = len(grams.layer_names)
+    print(f"{a.model}: {n_layers} layers, {a.n} images (ratios on {a.noise_n}), "
+          f"bias correction {a.bias_correction or 'off'}")  # fmt: skip
+    print(f"Grams (1 forward + K backward per batch): {t_grams:.1f} s")
+    print(f"input-noise ratios ({max(n_layers - 1, 1)} layers x {noise.n_draws} draws): "
+          f"{t_noise:.1f} s  = {t_noise / t_grams:.2f} x the Grams")  # fmt: skip
+    print(f"prediction from the cache, {a.bits} bits per tensor, median of {a.repeats}: "
+          f"3L {1e3 * t3l:.1f} ms (flip {r3l.flip_rate:.4f}), "
+          f"3C {1e3 * t3c:.1f} ms (flip {r3c.flip_rate:.4f})")  # fmt: skip
+    print("load after:", _uptime())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
