@@ -1,4 +1,4 @@
-"""One-time cost of the input-noise ratios (level 3C) against the Grams, and the prediction.
+"""One-time cost of the input-noise ratios (level 3I) against the Grams, and the prediction.
 
 For one network (default ResNet-56, every layer) and N CIFAR-10 test images, in one run:
 
@@ -6,7 +6,7 @@ For one network (default ResNet-56, every layer) and N CIFAR-10 test images, in 
   backward passes per batch;
 - the input-noise ratios of eq. L26 (``input_noise``, cache off) on the first ``--noise-n``
   of those images: one forward-mode pass per layer and draw;
-- the prediction from what is cached, 3L and 3C (``multilayer_distortion`` with and without
+- the prediction from what is cached, 3L and 3I (``multilayer_distortion`` with and without
   the inflation of eq. L25, band included), median of ``--repeats`` runs, at 3 bits per
   tensor.
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{t_noise:.1f} s  = {t_noise / t_grams:.2f} x the Grams")  # fmt: skip
     print(f"prediction from the cache, {a.bits} bits per tensor, median of {a.repeats}: "
           f"3L {1e3 * t3l:.1f} ms (flip {r3l.flip_rate:.4f}), "
-          f"3C {1e3 * t3c:.1f} ms (flip {r3c.flip_rate:.4f})")  # fmt: skip
+          f"3I {1e3 * t3c:.1f} ms (flip {r3c.flip_rate:.4f})")  # fmt: skip
     print("load after:", _uptime())
     return 0
 

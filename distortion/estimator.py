@@ -650,7 +650,7 @@ class AccuracyLossEstimator:
             noise each layer's input carries from the layers before it (the ratios of
             ``theory/multilayer.md`` eq. L26, :func:`~distortion.experiments.input_noise.
             input_noise`, cached), and inflate every layer's second moment by it in the
-            predictions (eq. L25, level 3C): the cross-layer term that matters from 3 bits
+            predictions (eq. L25, level 3I): the cross-layer term that matters from 3 bits
             down. A few hundred samples are plenty. 0: first order only. The per-layer
             costs of :meth:`allocate` stay first-order (additive); its final prediction and
             :meth:`predict_allocation` include the term.
@@ -1196,7 +1196,7 @@ class AccuracyLossEstimator:
         return AccuracyLossPrediction(
             bits=b_arr,
             accuracy_float=acc_f,
-            level="3C" if getattr(self, "input_noise_", None) is not None else self.level_,
+            level="3I" if getattr(self, "input_noise_", None) is not None else self.level_,
             method="gauss-hermite" if self.level_ == "3" else self.method,
             layers=tuple(self.layers_),
             quantizer=q,

@@ -12,7 +12,7 @@ the first ``--n`` evaluation images of the default study's split, with the first
   columns are the fraction of the 2L miss (measured - 2L) each closes;
 * the bias-corrected network (eq. L22): measured, 2L and 3L from the centred Grams (eq. L23),
   with the band;
-* for both, level 3C: 3L with each layer's second moment inflated by the noise at its input
+* for both, level 3I: 3L with each layer's second moment inflated by the noise at its input
   (eq. L25-L26), the ratios estimated on the first ``--noise-images`` evaluation images.
 
     python experiments/bias_correction_study.py --models resnet20 resnet56 --n 500
@@ -96,7 +96,7 @@ def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: 
             "model": name, "granularity": q.granularity, "bits": q.bits, "measured": measured,
             "L2L": l2, "L3L": cp.predictions["L3L"].flip_rate,
             "L3L_band": _band(cp.predictions["L3L"]),
-            "L3C": cp.predictions["L3C"].flip_rate, "L3C_band": _band(cp.predictions["L3C"]),
+            "L3I": cp.predictions["L3I"].flip_rate, "L3I_band": _band(cp.predictions["L3I"]),
             "offsets": _flip(z_off, ref), "hybrid": _flip(z_off + z_lin_c - z, ref),
             "hybrid@offset": _flip(z_at_off, ref),
         }  # fmt: skip
@@ -104,14 +104,14 @@ def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: 
             row[f"share_{k}"] = (row[k] - l2) / miss if abs(miss) > 0 else float("nan")
         b3 = cb.predictions["L3L"]
         bm = cb.measurement.flip_rate
-        b3c = cb.predictions["L3C"]
+        b3i = cb.predictions["L3I"]
         row.update({
             "bc_measured": bm, "bc_L2L": cb.predictions["L2L"].flip_rate,
             "bc_L3L": b3.flip_rate, "bc_L3L_band": _band(b3),
-            "bc_L3C": b3c.flip_rate, "bc_L3C_band": _band(b3c),
+            "bc_L3I": b3i.flip_rate, "bc_L3I_band": _band(b3i),
             "in_band_L3L": _inside(cp.predictions["L3L"], measured),
-            "in_band_L3C": _inside(cp.predictions["L3C"], measured),
-            "bc_in_band_L3L": _inside(b3, bm), "bc_in_band_L3C": _inside(b3c, bm),
+            "in_band_L3I": _inside(cp.predictions["L3I"], measured),
+            "bc_in_band_L3L": _inside(b3, bm), "bc_in_band_L3I": _inside(b3i, bm),
         })  # fmt: skip
         rows.append(row)
     times = {"means_s": t_means, "plain_s": t_plain, "bias_corrected_s": t_bc}
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="cache folder (default $DISTORTION_CACHE)")
     p.add_argument("--out", default=".", help="folder of bias_correction_study.csv")
     p.add_argument("--noise-images", type=int, default=200,
-                   help="evaluation images of the input-noise ratios (level L3C)")
+                   help="evaluation images of the input-noise ratios (level L3I)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     frames = []

@@ -152,7 +152,7 @@ def test_estimator_and_comparison_use_the_inflated_moments():
     assert float(inflated[2]) > float(m2[2])  # the last layer's input carries noise
     ref = multilayer_distortion(est.grams_, inflated, band=False)
     pred = est.predict(bits=[3])
-    assert pred.level == "3C" and plain.predict(bits=[3]).level == "3L"
+    assert pred.level == "3I" and plain.predict(bits=[3]).level == "3L"
     assert pred.flip_rate[0] == pytest.approx(ref.flip_rate, rel=1e-9)
     with pytest.raises(ValueError, match="input_noise must be"):
         AccuracyLossEstimator(**kw).fit_model(net, (x, y), input_noise=-1)

@@ -350,10 +350,10 @@ def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_pat
     plain = t[t["layers"] == "all"].set_index(["granularity", "bits"])
     corr = bc.set_index(["granularity", "bits"])
     assert (plain["measured_flip_rate"] != corr["measured_flip_rate"]).any()
-    # level 3C beside 3L in both: more noise at 3 bits, the same to print precision at 6
-    assert t["L3C_flip_rate"].notna().all()
+    # level 3I beside 3L in both: more noise at 3 bits, the same to print precision at 6
+    assert t["L3I_flip_rate"].notna().all()
     three = t[t["bits"] == 3]
-    assert (three["L3C_flip_rate"] >= three["L3L_flip_rate"] - 0.02).all()
+    assert (three["L3I_flip_rate"] >= three["L3L_flip_rate"] - 0.02).all()
     assert (out / "figures").is_dir() and any((out / "figures").glob("*.png"))
     s = pd.read_csv(out / "comparison_summary.csv")
     assert "all, bias-corrected" in set(s["layers"])

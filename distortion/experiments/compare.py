@@ -86,7 +86,7 @@ ALL_LAYER_LEVELS = {
     "L3L": "level 3L: the same first-order model with the error model (H_U for rounding)",
     "L3N": "level 3N: the real network with errors drawn from the error model (subtractive "
     "dither with the real steps, exact H_U), over R seeded realizations",
-    "L3C": "level 3L with each layer's second moment inflated by the noise its input carries "
+    "L3I": "level 3L with each layer's second moment inflated by the noise its input carries "
     "from the layers before it (the cross-layer term E_l n_l, theory/multilayer.md eq. L25)",
 }
 #: The prediction whose band the summary's coverage column reports, per layer set.
@@ -738,10 +738,10 @@ def compare_all_layers(
         measured with the corrected biases, predicted from the centred Grams (eq. L23); the
         cells carry ``bias_correction=True`` and the layer set ``"all, bias-corrected"``.
     input_noise_images : int
-        Also predict level ``L3C`` (the second moments inflated by the noise at each layer's
+        Also predict level ``L3I`` (the second moments inflated by the noise at each layer's
         input, eq. L25-L26), with the ratios estimated on the first ``input_noise_images``
         evaluation images (:func:`~distortion.experiments.input_noise.input_noise`, two draws
-        per layer, cached). 0: no level L3C.
+        per layer, cached). 0: no level L3I.
 
     Returns
     -------
@@ -832,11 +832,11 @@ def compare_all_layers(
             key["layers"] = "all, bias-corrected"
         preds = {"L2L": l2, "L3L": l3.to_prediction()}
         if noise:
-            preds["L3C"] = multilayer_distortion(
+            preds["L3I"] = multilayer_distortion(
                 grams, noise[q.granularity].inflate(m2), seed=seed,
                 band=grams.projections is not None,
             ).to_prediction()  # fmt: skip
-            preds["L3C"] = replace(preds["L3C"], level="3C")
+            preds["L3I"] = replace(preds["L3I"], level="3I")
         if n_dither_realizations:
             preds["L3N"] = _dither_reference(
                 model, data, q, names, logits, n_dither_realizations, seed, cache_dir,

@@ -298,7 +298,7 @@ class ExperimentConfig:
         _check_int(k["all_layers_bias_correction"], self.all_layers_bias_correction, 0,
                    " (calibration images of the bias-corrected cells; 0: none)")  # fmt: skip
         _check_int(k["all_layers_input_noise"], self.all_layers_input_noise, 0,
-                   " (images of the input-noise ratios, level L3C; 0: none)")  # fmt: skip
+                   " (images of the input-noise ratios, level L3I; 0: none)")  # fmt: skip
         _check_int(k["n_components"], self.n_components, 1, " (principal components)")
         _check_choice(k["hypotheses_layers"], self.hypotheses_layers, ("all", "last"))
         problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
