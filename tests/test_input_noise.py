@@ -156,3 +156,22 @@ def test_estimator_and_comparison_use_the_inflated_moments():
     assert pred.flip_rate[0] == pytest.approx(ref.flip_rate, rel=1e-9)
     with pytest.raises(ValueError, match="input_noise must be"):
         AccuracyLossEstimator(**kw).fit_model(net, (x, y), input_noise=-1)
+
+
+def test_estimator_takes_a_dataloader_for_both_new_options():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distortion.estimator import AccuracyLossEstimator
+    from distortion.quantize import UniformQuantizer
+
+    torch.manual_seed(4)
+    net = Lin3().double().eval()
+    x, _ = _data(24, seed=6)
+    y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(7))
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    cal = DataLoader(TensorDataset(x + 0.3, y), batch_size=7)
+    est = AccuracyLossEstimator(UniformQuantizer(3), progress=False, n_realizations=0)
+    est.fit_model(net, loader, bias_correction=cal, input_noise=12)
+    assert est.input_noise_.n_samples == 12 and est.input_noise_.bias_corrected
+    assert est.bias_correction_.n_samples == 24
+    assert 0.0 <= est.predict(bits=[3]).flip_rate[0] <= 1.0
