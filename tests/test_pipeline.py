@@ -341,6 +341,8 @@ def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_pat
                  str(tmp_path / "cache"), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "bias-corrected" in printed
+    summary = (out / "summary.txt").read_text()
+    assert "L3I |err| pp" in summary and "L3I: L3L with" in summary
     t = pd.read_csv(out / "comparison.csv")
     assert len(t) == 8
     assert sorted(set(t["layers"])) == ["all", "all, bias-corrected"]

@@ -1322,6 +1322,12 @@ def summary_table(
         "sakr: bound clipped at 1 per image, 'sakr vacuous' the cells where the published "
         "bound is >= 1."
     )
+    if any(c.startswith("L3I") for c in cols):
+        lines.append(
+            "L3I: L3L with each layer's second moment inflated by the noise at its input "
+            "(all_layers.input_noise, theory/multilayer.md eq. L25); 'all, bias-corrected': "
+            "the networks with corrected biases (all_layers.bias_correction, eq. L22)."
+        )
     if verdicts is not None and len(verdicts):
         lines.append(
             "H_U fails: share of (quantized layer x bit-width) whose error fails the uniform "
