@@ -302,17 +302,24 @@ def test_the_compression_config_parses():
     assert cfg.compression_families == COMPRESSION_FAMILIES
 
 
-@pytest.mark.real_data
-@pytest.mark.slow
-def test_compression_stage_runs_alone(real_data, tmp_path, capsys):
-    cfg = tmp_path / "comp.toml"
-    cfg.write_text(
-        'name = "comp"\nstages = ["compression"]\n[data]\nn = 400\n[models]\n'
-        'names = ["resnet20"]\n[compression]\nn = 40\nfamilies = ["prune-filter", "nf4"]\n'
-    )
+def _run_config(tmp_path, text: str):
+    """`distortion run` on the configuration ``text``; returns its output folder."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(text)
     out = tmp_path / "out"
     assert main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
                  str(tmp_path / "cache"), "--quiet"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_compression_stage_runs_alone(real_data, tmp_path, capsys):
+    out = _run_config(
+        tmp_path,
+        'name = "comp"\nstages = ["compression"]\n[data]\nn = 400\n[models]\n'
+        'names = ["resnet20"]\n[compression]\nn = 40\nfamilies = ["prune-filter", "nf4"]\n',
+    )
     printed = capsys.readouterr().out
     assert "compression families" in printed and "prune-filter" in printed
     figs = {p.name for p in (out / "compression" / "figures").glob("*.png")}
@@ -330,15 +337,12 @@ def test_compression_stage_runs_alone(real_data, tmp_path, capsys):
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_path, capsys):
-    cfg = tmp_path / "bc.toml"
-    cfg.write_text(
+    out = _run_config(
+        tmp_path,
         'name = "bc"\nstages = ["all_layers"]\n[data]\nn = 400\n[models]\nnames = ["resnet20"]\n'
         '[quantizer]\ngranularity = ["tensor", "channel"]\n'
-        "[all_layers]\nbits = [3, 6]\nn = 40\nbias_correction = 100\ninput_noise = 20\n"
+        "[all_layers]\nbits = [3, 6]\nn = 40\nbias_correction = 100\ninput_noise = 20\n",
     )
-    out = tmp_path / "out"
-    assert main(["run", "--config", str(cfg), "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache"), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "bias-corrected" in printed
     summary = (out / "summary.txt").read_text()
