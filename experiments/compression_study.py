@@ -43,6 +43,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +70,9 @@ def grid(model, names: list[str], *, quick: bool = False) -> list[tuple[str, flo
     return compression_grid(model, names)
 
 
-def evaluation_images(n: int):
-    """The all-layer evaluation images of the default experiment (its first ``n``)."""
+def evaluation_images(n: int, calibration: int = 0):
+    """The all-layer evaluation images of the default experiment (its first ``n``); with
+    ``calibration``, also the first ``calibration`` images of its fit part (disjoint)."""
     from distortion.experiments.data import load_dataset
     from distortion.experiments.pipeline import _evaluation_images, fit_evaluate_mask
 
@@ -83,7 +85,13 @@ def evaluation_images(n: int):
     first = fit_evaluate_mask(
         ds.labels, len(ds.class_names), data.get("fit_fraction", 0.5), data.get("seed", 0)
     )
-    return _evaluation_images(ds, ~first, n), int(data.get("seed", 0))
+    images = _evaluation_images(ds, ~first, n)
+    if not calibration:
+        return images, int(data.get("seed", 0))
+    from distortion.experiments.pipeline import select_images
+
+    cal = select_images(ds, np.flatnonzero(first)[:calibration], f"calibration:{calibration}")
+    return images, int(data.get("seed", 0)), cal
 
 
 def _print_cells(t: pd.DataFrame) -> None:
@@ -106,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument(
+        "--bias-correction", type=int, default=0, metavar="N",
+        help="compress with bias correction (theory/multilayer.md eq. L22), calibrated on the "
+        "first N images of the default split's fit part",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     from distortion.experiments.compare import COLUMN_DICTIONARY, Comparison
@@ -117,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.experiments.models import load_model
     from distortion.experiments.sensitivity import gradient_grams
 
-    images, seed = evaluation_images(args.n)
+    images, seed, *cal = evaluation_images(args.n, args.bias_correction)
     parts = []
     for name in args.models:
         t0 = time.perf_counter()
         model = load_model(name)
+        means = None
+        if cal:
+            from distortion.experiments.bias_correction import input_means
+
+            means = input_means(model, cal[0], progress=args.progress)
         grams = gradient_grams(model, images, granularity="channel", seed=seed,
-                               cache_dir=args.cache_dir, progress=args.progress)  # fmt: skip
+                               cache_dir=args.cache_dir, progress=args.progress,
+                               input_means=means)  # fmt: skip
         t_grams = time.perf_counter() - t0
         configs = grid(model, list(grams.layer_names), quick=args.quick)
         if args.families:
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = compare_compression(
             model, images, configs, model_name=name, cache_dir=args.cache_dir, seed=seed,
-            progress=args.progress,
+            progress=args.progress, bias_correction=means,
         )  # fmt: skip
         t_cells = time.perf_counter() - t0
         print(f"\n== {name}: {len(grams.layer_names)} layers, {len(images)} images, "

@@ -190,3 +190,19 @@ def test_measure_compressed_matches_measure_for_a_quantizer(tiny):
     m2 = measure(net, data, q, layers=LAYERS, progress=False)
     assert m1.flip_rate == m2.flip_rate and m1.accuracy_loss == m2.accuracy_loss
     assert m1.flip_rate_interval == m2.flip_rate_interval
+
+
+@pytest.mark.parametrize("comp", [MagnitudePruner(0.5, pattern="filter"), LowRank(energy=0.6)])
+def test_bias_corrected_linearization_is_exact_for_the_last_layer(tiny, comp):
+    # the corrected bias b - (W~ - W) u_bar is affine in the weight too: 2L stays exact
+    from distortion.experiments.bias_correction import input_means
+
+    net, data = tiny
+    means = input_means(net, data, layers="last", progress=False)
+    res = _run(tiny, [("x", 0.0, comp)], layers="last", bias_correction=means)
+    plain = _run(tiny, [("x", 0.0, comp)], layers="last")
+    row = res.table.iloc[0]
+    assert row["layers"] == "last, bias-corrected"
+    assert row["measured_flip_rate"] > 0
+    assert row["L2L_flip_rate"] == row["measured_flip_rate"]
+    assert row["measured_flip_rate"] != plain.table.iloc[0]["measured_flip_rate"]

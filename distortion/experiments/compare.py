@@ -90,7 +90,8 @@ ALL_LAYER_LEVELS = {
     "from the layers before it (the cross-layer term E_l n_l, theory/multilayer.md eq. L25)",
 }
 #: The prediction whose band the summary's coverage column reports, per layer set.
-BAND_LEVEL = {"last": "L3", "all": "L3L", "all, bias-corrected": "L3L"}
+BAND_LEVEL = {"last": "L3", "all": "L3L"}  # any other layer set (several layers, or
+# bias-corrected ones) is predicted by the all-layer model: L3L
 
 _QUANTITIES = {
     "flip_rate": "expected flip rate (fraction of changed decisions)",
@@ -272,7 +273,7 @@ class Comparison:
         t = t.assign(
             bit_range=0 if split_bits is None else np.where(t["bits"] < split_bits, 0, 1),
             band_coverage=[
-                row.get(f"{BAND_LEVEL.get(row['layers'], 'L3')}_flip_rate_in_band", np.nan)
+                row.get(f"{BAND_LEVEL.get(row['layers'], 'L3L')}_flip_rate_in_band", np.nan)
                 for row in t.to_dict("records")
             ],
         )

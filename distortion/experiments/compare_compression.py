@@ -356,6 +356,7 @@ def compare_compression(
     progress: bool = True,
     baselines: bool = True,
     batch_size: int = 250,
+    bias_correction: Any = None,
 ) -> Comparison:
     r"""Compare levels 2L and 3L with the measurement, for any compressors.
 
@@ -386,6 +387,10 @@ def compare_compression(
         Also Sakr et al.'s bound and HAWQ-V2's sensitivity (from the Grams, free).
     batch_size : int
         Images per JVP batch of level 2L.
+    bias_correction : InputMeans, optional
+        The bias-corrected networks (:mod:`~distortion.experiments.bias_correction`, eq.
+        L22): measured with corrected biases, 2L along the corrected tangent, 3L from the
+        centred Grams (eq. L23); the layer set is labelled ``"<layers>, bias-corrected"``.
 
     Returns
     -------
@@ -418,10 +423,12 @@ def compare_compression(
                              f"got {cfg[2]!r}")  # fmt: skip
     grams = gradient_grams(
         model, data, layers=layers, granularity="channel", n_realizations=n_realizations,
-        seed=seed, cache_dir=cache_dir, progress=progress,
+        seed=seed, cache_dir=cache_dir, progress=progress, input_means=bias_correction,
     )  # fmt: skip
     names = list(grams.layer_names)
     layer_label = layers if isinstance(layers, str) else f"{len(names)} layers"
+    if bias_correction is not None:
+        layer_label = f"{layer_label}, bias-corrected"
     weights = {k: get_layer(model, k).weight.detach() for k in names}
     w_energy = float(sum(float(np.sum(np.asarray(w, dtype=np.float64) ** 2))
                          for w in (v.cpu().numpy() for v in weights.values())))  # fmt: skip
@@ -437,9 +444,11 @@ def compare_compression(
         compressed = compress_layers(comp, weights, seed=seed)
         m2 = [compressed[k].error_model.second_moment for k in names]
         key = {**data_key, "compressor": repr(comp), "seed": seed, "kind": "compressed"}
+        if bias_correction is not None:  # absent otherwise: the old keys do not change
+            key["bias_correction"] = bias_correction.key
 
         def compute(compressed=compressed):
-            cm = compressed_model(model, compressed)
+            cm = compressed_model(model, compressed, bias_correction=bias_correction)
             return predict_logits(cm, data, progress=progress, desc="compressed").argmax(1)
 
         if cache_dir is None:
@@ -457,7 +466,9 @@ def compare_compression(
         )  # fmt: skip
         band = grams.projections is not None
         l3 = multilayer_distortion(grams, m2, seed=realization_seed(seed, i), band=band)
-        l2, dz = linearized_prediction(model, data, compressed, pred, labels, batch_size=batch_size)
+        l2, dz = linearized_prediction(model, data, compressed, pred, labels,
+                                       batch_size=batch_size,
+                                       bias_correction=bias_correction)  # fmt: skip
         l3p = l3.to_prediction()
         sq = [float(np.sum(compressed[k].error ** 2)) for k in names]
         sakr = sakr_bound(grams, variances=m2) if baselines else None
