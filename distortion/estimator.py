@@ -884,9 +884,7 @@ class AccuracyLossEstimator:
         """
         self._check_fitted()
         m2 = [self._model_second_moment(c) for c in self._compress_layers(compressor)]
-        if self.level_ == "3L":
-            m2 = self._inflated(m2)
-        return self._predict_second_moments(m2, band)
+        return self._predict_second_moments(self._inflated(m2), band)
 
     def _predict_second_moments(self, m2: list[Any], band: bool) -> Prediction:
         """Level 3L (or 3) from the error model's second moment of every fitted layer."""

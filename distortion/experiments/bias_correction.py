@@ -40,6 +40,7 @@ __all__ = [
     "apply_bias_correction",
     "bias_corrections",
     "correct_compressed",
+    "corrected_output",
     "input_means",
 ]
 
@@ -314,3 +315,15 @@ def correct_compressed(
         {n: get_layer(model, n).weight.detach() for n in values}, values, means
     )
     return apply_bias_correction(compressed_model, shifts)
+
+
+def corrected_output(out: Any, weight: Any, w0: Any, mean: Any) -> Any:
+    r"""A layer's output with the corrected bias following its weight (eq. L22):
+    ``out - (weight - w0) u_bar`` broadcast over the positions. Zero shift at the float
+    weight; inside ``torch.func`` or forward-mode AD, ``weight`` carries the tangent, so this
+    is the bias-corrected network's tangent. ``mean`` is a (groups, in_per_group) tensor."""
+    import torch
+
+    e = (weight - w0).reshape(mean.shape[0], w0.shape[0] // mean.shape[0], -1)
+    c = torch.einsum("god,gd->go", e, mean).reshape(-1)
+    return out - (c.view(1, -1, *([1] * (out.ndim - 2))) if out.ndim > 2 else c)

@@ -578,19 +578,14 @@ def first_order_actual_flips(
 
     handles = []
     if bias_correction is not None:
+        from distortion.experiments.bias_correction import corrected_output
+
         for name in quantized:
-            module = get_layer(model, name)
             w0 = params[f"{name}.weight"]
             m = torch.as_tensor(bias_correction.mean(name), dtype=w0.dtype)
-
-            def shift(mod, args, out, w0=w0, m=m):
-                # inside functional_call mod.weight is the tangent-carrying tensor, so this
-                # is -(W - W0) u_bar: zero at the float point, -E u_bar along the tangent
-                e = (mod.weight - w0).reshape(m.shape[0], w0.shape[0] // m.shape[0], -1)
-                c = torch.einsum("god,gd->go", e, m).reshape(-1)
-                return out - (c.view(1, -1, *([1] * (out.ndim - 2))) if out.ndim > 2 else c)
-
-            handles.append(module.register_forward_hook(shift))
+            handles.append(get_layer(model, name).register_forward_hook(
+                lambda mod, args, out, w0=w0, m=m: corrected_output(out, mod.weight, w0, m)
+            ))  # fmt: skip
     zs, dzs = [], []
     try:
         with torch.no_grad():
@@ -759,6 +754,9 @@ def compare_all_layers(
     from distortion.theory.baselines import gauss_newton_trace, hawq_v2_sensitivity, sakr_bound
     from distortion.theory.multilayer import multilayer_distortion
 
+    k_noise = input_noise_images  # checked before any expensive work
+    if isinstance(k_noise, bool) or not isinstance(k_noise, int | np.integer) or k_noise < 0:
+        raise ValueError(f"input_noise_images must be an integer >= 0, got {k_noise!r}")
     need_channel = any(q.granularity == "channel" for q in quantizers)
     grams = gradient_grams(
         model, data, layers=layers, granularity="channel" if need_channel else "tensor",
@@ -781,9 +779,6 @@ def compare_all_layers(
     n = len(labels)
     from distortion.experiments.sensitivity import _data_info, _model_hash
 
-    k_noise = input_noise_images
-    if isinstance(k_noise, bool) or not isinstance(k_noise, int | np.integer) or k_noise < 0:
-        raise ValueError(f"input_noise_images must be an integer >= 0, got {k_noise!r}")
     noise = {}
     if input_noise_images:
         from distortion.experiments.input_noise import input_noise

@@ -96,15 +96,6 @@ class InputNoise:
         return pd.DataFrame(rows, columns=["layer", "upstream", "ratio", "ratio_stderr"])
 
 
-def _profile(w: np.ndarray, granularity: str) -> np.ndarray:
-    """The per-output-channel scale of the draws (the Grams' profile, eq. L12)."""
-    if granularity == "tensor":
-        return np.ones(w.shape[0])
-    prof = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-    rms = math.sqrt(float(np.mean(prof**2)))
-    return prof / rms if rms > 0 else np.ones(w.shape[0])
-
-
 def input_noise(
     model: Any,
     data: Any,
@@ -149,12 +140,17 @@ def input_noise(
     from tqdm.auto import tqdm
 
     from distortion.experiments._torch_state import evaluated_on
-    from distortion.experiments.bias_correction import InputMeans, _check_bias_layers
+    from distortion.experiments.bias_correction import (
+        InputMeans,
+        _check_bias_layers,
+        corrected_output,
+    )
     from distortion.experiments.models import get_layer
     from distortion.experiments.sensitivity import (
         _batches,
         _data_info,
         _model_hash,
+        channel_profile,
         resolve_quantizable,
     )
 
@@ -193,7 +189,7 @@ def input_noise(
         mods = [get_layer(model, n) for n in names]
         w0 = [m.weight.detach() for m in mods]
         params = {f"{n}.weight": w for n, w in zip(names, w0, strict=True)}
-        profiles = [_profile(w.cpu().numpy().astype(np.float64), granularity) for w in w0]
+        profiles = [channel_profile(w.cpu().numpy().astype(np.float64), granularity) for w in w0]
         means = None
         if bias_correction is not None:
             means = [torch.as_tensor(bias_correction.mean(n), dtype=dtype, device=dev)
@@ -210,10 +206,8 @@ def input_noise(
                 seen[i] = args[0]
                 if means is None:
                     return out
-                m = means[i]  # the corrected bias moves with the weight (eq. L22)
-                e = (module.weight - w0[i]).reshape(m.shape[0], w0[i].shape[0] // m.shape[0], -1)
-                c = torch.einsum("god,gd->go", e, m).reshape(-1)
-                return out - (c.view(1, -1, *([1] * (out.ndim - 2))) if out.ndim > 2 else c)
+                # the corrected bias moves with the weight (eq. L22)
+                return corrected_output(out, module.weight, w0[i], means[i])
 
             return hook
 

@@ -531,6 +531,16 @@ def _attention_recorder(watch: dict[int, str], record: Any) -> Any:
     return _Recorder()
 
 
+def channel_profile(w: np.ndarray, granularity: str) -> np.ndarray:
+    """The per-output-channel scale of the unit-variance draws (eq. L12): ones per tensor,
+    the rms-normalised max |w| of each output channel per channel."""
+    if granularity != "channel":
+        return np.ones(w.shape[0])
+    prof = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    rms = math.sqrt(float(np.mean(prof**2)))
+    return prof / rms if rms > 0 else np.ones(w.shape[0])
+
+
 def _uniform_draws(
     n_weights: int, n_realizations: int, profile: np.ndarray, seed: int, index: int
 ) -> np.ndarray:
@@ -718,7 +728,7 @@ def _centring(model: nn.Module, names: list[str], means: Any, example: Any) -> A
                 f"layer {n!r}: input mean of shape {m.shape} does not fit its weight of shape "
                 f"{tuple(w.shape)} (recompute the means on this model)"
             )
-        out[n] = torch.as_tensor(m, dtype=torch.float64, device=w.device)
+        out[n] = torch.as_tensor(m, dtype=w.dtype, device=w.device)  # cast once, not per batch
     return out
 
 
@@ -813,13 +823,8 @@ def _compute_grams(
         batch_size = int(max(1, min(256, memory_mb * 2**20 // max(per_sample, 1.0))))
     profiles = []
     draws = []
-    for i, (w, sh) in enumerate(zip(weights, shapes, strict=True)):
-        if granularity == "channel":
-            prof = np.abs(w.reshape(sh[0], -1)).max(axis=1)
-            rms = math.sqrt(float(np.mean(prof**2)))
-            prof = prof / rms if rms > 0 else np.ones(sh[0])
-        else:
-            prof = np.ones(sh[0])
+    for i, w in enumerate(weights):
+        prof = channel_profile(w, granularity)
         profiles.append(prof)
         if n_real:
             e = _uniform_draws(sizes[i], n_real, prof, seed, i)
@@ -887,8 +892,8 @@ def _compute_grams(
                 inputs = [_layer_input(rec[3][0], rec[0], rec[3][1]) for _, rec in flat]
                 if centre is not None:  # bias correction: U - mean patch (eq. L23)
                     inputs = [
-                        u - centre[n].to(u.dtype).view(1, 1, -1) if u.ndim == 3
-                        else u - centre[n].to(u.dtype)[None, :, :, None]
+                        u - centre[n].view(1, 1, -1) if u.ndim == 3
+                        else u - centre[n][None, :, :, None]
                         for (n, _), u in zip(flat, inputs, strict=True)
                     ]  # fmt: skip
                 cols = {n: s[-1] if len(s) == 2 else 0 for n, s in zip(names, shapes, strict=True)}
