@@ -662,6 +662,8 @@ class AccuracyLossEstimator:
         from distortion.experiments.bias_correction import InputMeans, input_means
         from distortion.experiments.sensitivity import gradient_grams
 
+        if isinstance(input_noise, bool) or not isinstance(input_noise, int) or input_noise < 0:
+            raise ValueError(f"input_noise must be an integer >= 0 (samples), got {input_noise!r}")
         chosen = self.layers if layers is None else layers
         means = bias_correction
         if means is not None and not isinstance(means, InputMeans):
@@ -687,8 +689,6 @@ class AccuracyLossEstimator:
         )
         self.fit_grams(grams)
         self.bias_correction_ = means
-        if isinstance(input_noise, bool) or not isinstance(input_noise, int) or input_noise < 0:
-            raise ValueError(f"input_noise must be an integer >= 0 (samples), got {input_noise!r}")
         if input_noise:
             from distortion.experiments.input_noise import input_noise as estimate
 

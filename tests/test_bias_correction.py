@@ -295,3 +295,12 @@ def test_any_compressor_gets_the_same_correction():
         err_plain = plain.conv1(x) - net.conv1(x)
     assert np.abs(err.mean((0, 2, 3)).numpy()).max() < 1e-13
     assert np.abs(err_plain.mean((0, 2, 3)).numpy()).max() > 1e-3
+
+
+def test_means_of_the_wrong_type_are_a_clear_error():
+    from distortion.experiments.measure import quantize_model
+
+    net = _net()
+    with pytest.raises(ValueError, match="must be an InputMeans"):
+        quantize_model(net, UniformQuantizer(3), LAYERS, bias_correction={"conv1": 0},
+                       input_shape=(1, 3, 8, 8))  # fmt: skip

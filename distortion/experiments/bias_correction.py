@@ -254,6 +254,11 @@ def bias_corrections(
     """
     from distortion.quantize import _to_numpy
 
+    if not isinstance(means, InputMeans):
+        raise ValueError(
+            "bias_correction must be an InputMeans (distortion.experiments.bias_correction."
+            f"input_means(model, calibration_data)), got {type(means).__name__}"
+        )
     if set(original) != set(compressed):
         raise ValueError(
             f"original and compressed weights name different layers: {sorted(original)} vs "
