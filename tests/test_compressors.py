@@ -528,6 +528,141 @@ def _quadratic_dp(x, k):
     return d[n - 1]
 
 
+def _gapped_rows(rng, g, n):
+    """Rows of every kind the batched Lloyd must follow: smooth, heavy-tailed, float32
+    values, ties on midpoints, and outliers that leave linear-start clusters empty."""
+    rows = []
+    for i in range(g):
+        kind = i % 5
+        if kind == 0:
+            r = rng.standard_normal(n)
+        elif kind == 1:
+            r = rng.standard_normal(n) ** 3
+        elif kind == 2:
+            r = (rng.standard_normal(n) * 0.03).astype(np.float32).astype(np.float64)
+        elif kind == 3:
+            r = rng.integers(-3, 4, n).astype(np.float64)
+        else:
+            r = np.concatenate([rng.uniform(-1, 1, n - 2), [9.0, 10.0]])  # empty clusters
+        rows.append(rng.permutation(r))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize(("k", "cap"), [(2, 100), (5, 100), (16, 100), (16, 7), (48, 100)])
+def test_kmeans_batched_lloyd_is_the_plain_loop(monkeypatch, k, cap):
+    """All groups at once (prefix-sum steps, exact means at the end) equal the O(n)-a-step
+    loop group by group, itself checked against the naive loop above; most groups take the
+    fast path (the plain loop is counted)."""
+    from distortion.compressors import codebook as cb
+
+    rng = np.random.default_rng(50 + k + cap)
+    w = _gapped_rows(rng, 20, 600)
+    exact = cb._lloyd_exact
+    handed = []
+    monkeypatch.setattr(cb, "_lloyd_exact", lambda *a: handed.append(1) or exact(*a))
+    c = KMeansQuantizer(k, scope="channel", max_iter=cap).compress(w)
+    for g, row in enumerate(w):
+        cb_ref, a_ref = exact(row, np.linspace(row.min(), row.max(), k), cap)
+        np.testing.assert_array_equal(c.detail.codebook[g], cb_ref)
+        np.testing.assert_array_equal(c.detail.codes[g], a_ref)
+    assert len(handed) <= 8  # integer rows may sit on midpoints: those go to the plain loop
+    if k <= 16:  # the naive loop itself, on a few groups
+        for g in (0, 2, 4):
+            cn, an = _naive_lloyd(w[g], k, max_iter=cap)
+            np.testing.assert_array_equal(c.detail.codebook[g], cn)
+            np.testing.assert_array_equal(c.detail.codes[g], an)
+
+
+def test_kmeans_compress_many_is_compress_layer_by_layer():
+    rng = np.random.default_rng(61)
+    weights = {
+        "a": rng.standard_normal((4, 3, 3, 3)),
+        "b": np.concatenate([rng.standard_normal(50), [7.0, 8.0]]).reshape(4, 13),
+        "c": np.full((3, 5), 0.25),  # one value
+    }
+    for scope, init in itertools.product(["layer", "channel"], ["linear", "kmeans++"]):
+        q = KMeansQuantizer(4, scope=scope, init=init, seed=3)
+        many = q.compress_many(weights)
+        assert list(many) == list(weights)
+        for name, w in weights.items():
+            one = q.compress(w)
+            np.testing.assert_array_equal(many[name].values, one.values)
+            np.testing.assert_array_equal(many[name].detail.codes, one.detail.codes)
+            np.testing.assert_array_equal(many[name].detail.codebook, one.detail.codebook)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        KMeansQuantizer(4).compress_many({})
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5])
+def test_power_exponent_search_many_rows_at_once(bits):
+    """The search over all rows together (shared thresholds, per-row histograms) is the
+    exhaustive search row by row, zero rows and rows on thresholds included."""
+    rng = np.random.default_rng(200 + bits)
+    rows = np.stack([
+        rng.standard_normal(40) ** 3,
+        rng.laplace(size=40) * 1e-3,
+        np.round(rng.standard_normal(40), 1),
+        np.zeros(40),
+        np.resize([1.0, 1 / 6, 0.5, 5 / 6, -0.5, 0.25, 1 / 14, 3 / 14], 40),
+        (rng.standard_normal(40) * 0.05).astype(np.float32).astype(np.float64),
+    ])  # fmt: skip
+    got = NonUniformQuantizer(bits, granularity="channel").exponents(rows)
+    np.testing.assert_array_equal(got, _exhaustive_exponents(list(rows), bits))
+
+
+def test_search_left_is_searchsorted():
+    from distortion.compressors._common import _search_left
+
+    rng = np.random.default_rng(71)
+    grids = [log2_levels(4), nf4_levels(), log2_levels(16), np.sort(rng.standard_normal(16)),
+             np.array([0.0, 0.0, 1.0]), np.array([-1.0, 1e-300, 1.0])]  # fmt: skip
+    for levels in grids:
+        mids = (levels[:-1] + levels[1:]) / 2
+        xs = [
+            np.clip(rng.standard_normal(40_000) * 0.3, -1, 1),
+            rng.uniform(-2, 2, 20_000),
+            np.tile(np.concatenate([levels, mids, np.nextafter(mids, np.inf)]), 2000),
+            np.concatenate([np.full(9000, np.nan), np.full(9000, np.inf), -np.full(9000, np.inf)]),
+        ]
+        for x in xs:
+            np.testing.assert_array_equal(_search_left(levels, x),
+                                          np.searchsorted(levels, x, side="left"))  # fmt: skip
+
+
+def test_lowrank_decomposition_is_remembered_read_only():
+    from distortion.compressors import lowrank
+
+    w = _w((6, 4, 3, 3), seed=72)
+    lowrank._svd_cache.clear()
+    a = LowRank(3).compress(w)
+    assert len(lowrank._svd_cache) == 1
+    b = LowRank(energy=0.7).compress(w)  # another configuration: the same factors
+    assert len(lowrank._svd_cache) == 1
+    u, s, vt = lowrank._thin_svd(w.reshape(6, -1))
+    np.testing.assert_array_equal(a.detail.singular_values, s)
+    np.testing.assert_array_equal(a.values, ((u[:, :3] * s[:3]) @ vt[:3]).reshape(w.shape))
+    np.testing.assert_array_equal(b.detail.singular_values, s)
+    cached = next(iter(lowrank._svd_cache.values()))
+    assert not any(f.flags.writeable for f in cached)
+    a.detail.right[0, 0] = 123.0  # the result's factors are its own
+    assert cached[2][0, 0] != 123.0
+    LowRank(3).compress(w + 1e-3)  # other weights: another entry
+    assert len(lowrank._svd_cache) == 2
+
+
+def test_compress_layers_under_one_blas_thread_is_the_same():
+    from distortion.compressors._common import blas_single_thread
+    from distortion.experiments.compare_compression import _compress_layers, compress_layers
+
+    weights = {"a": _w((8, 30), 73), "b": _w((5, 4, 3, 3), 74)}
+    with blas_single_thread():
+        pass
+    for comp in [LowRank(energy=0.9), KMeansQuantizer(4), MagnitudePruner(0.5)]:
+        x, y = compress_layers(comp, weights), _compress_layers(comp, weights, 0)
+        for name in weights:
+            np.testing.assert_allclose(x[name].values, y[name].values, rtol=1e-13, atol=1e-15)
+
+
 def test_kmeans_degenerate_and_validation():
     c = KMeansQuantizer(3).compress(np.full((2, 3), 0.7))
     np.testing.assert_array_equal(c.values, np.full((2, 3), 0.7))

@@ -121,16 +121,24 @@ def kmeans_1d(
 
 
 def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd iterations: assign to the nearest centroid, move each to its cluster's mean.
+    """Lloyd iterations of one group: :func:`_lloyd_rows` on one row."""
+    books, codes = _lloyd_rows([x.reshape(1, -1)], [np.asarray(c, dtype=np.float64)[None]],
+                               max_iter)  # fmt: skip
+    return books[0][0], codes[0][0]
 
-    Each assignment is that of :func:`nearest_level`, found on the sorted values: the codes
-    are non-decreasing in the value, so a cluster is a run of the sorted values between two
-    midpoints (O(k log n)); the few values within rounding error of a midpoint are assigned
-    by :func:`nearest_level` itself. The cluster sums are accumulated in the input's order
-    (``bincount``), as the plain loop does, so the centroids are bit for bit the same.
+
+def _lloyd_exact(x: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations with the cluster sums of every step in the input's order (eq. C7).
+
+    Assign each value to its nearest centroid (:func:`nearest_level`, found on the sorted
+    values: the codes are non-decreasing in the value, so a cluster is a run of the sorted
+    values between two midpoints, O(k log n), the few values within rounding error of a
+    midpoint assigned by :func:`nearest_level` itself), move each centroid to its cluster's
+    mean, the sums accumulated in the input's order (``bincount``) as the plain loop does,
+    sort, repeat: bit for bit the plain loop, at O(n) a step.
     """
     k = c.size
-    order = np.argsort(x, kind="stable")
+    order = np.argsort(x)
     xs = x[order]
     for _ in range(max_iter):
         a, counts = _sorted_assignment(x, xs, order, c)
@@ -140,6 +148,210 @@ def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.
             break
         c = new
     return c, _sorted_assignment(x, xs, order, c)[0]
+
+
+def _lloyd_rows(
+    blocks: list[np.ndarray], starts: list[np.ndarray], max_iter: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    r"""Lloyd iterations (eq. C7) of every row of every block at once, bit for bit
+    :func:`_lloyd_exact` row by row.
+
+    ``blocks[b]`` is (G_b, n_b), one group per row, at least two distinct values each;
+    ``starts[b]`` (G_b, k) the sorted starting centroids, the same k for all. Returns the
+    centroids (G_b, k) and codes (G_b, n_b) per block.
+
+    The steps between the start and the fixed point only matter through the assignments
+    they produce, so they are taken at O(k log n) each: a cluster is a run of the sorted
+    values, its sum a difference of prefix sums of the centred sorted values (all groups'
+    midpoints found by one ``searchsorted`` over (group, value) keys). Those centroids
+    differ from the plain loop's, whose sums run in the input's order, by rounding only;
+    each step bounds that difference (``delta``: the prefix sums' and the plain sums'
+    rounding bounds, :math:`\gamma_n = nu/(1-nu)`, with a factor 2), and a group with a
+    value within that bound (plus the nearest rule's own rounding window) of a midpoint is
+    handed to :func:`_lloyd_exact`. Elsewhere every assignment is the plain loop's, and the
+    returned centroids are the exact means, sums in the input's order, of the last
+    assignment — or, for a cluster left empty, of the run it last held (its start when it
+    never held one): the plain loop's result. One O(n) pass at the end, instead of one a
+    step.
+    """
+    k = starts[0].shape[1]
+    sizes = [b.shape[0] for b in blocks]
+    out_books = [s.copy() for s in starts]
+    out_codes = [np.zeros(b.shape, dtype=np.int64) for b in blocks]
+    if k == 1:
+        for bi, (blk, st) in enumerate(zip(blocks, starts, strict=True)):
+            for r in range(blk.shape[0]):
+                out_books[bi][r], out_codes[bi][r] = _lloyd_exact(blk[r], st[r], max_iter)
+        return out_books, out_codes
+    eps = np.finfo(np.float64).eps
+    unit = eps / 2
+
+    def gamma(m):
+        return m * unit / (1.0 - m * unit)
+
+    n = np.concatenate([np.full(b.shape[0], b.shape[1], dtype=np.int64) for b in blocks])
+    G = n.size
+    off = np.concatenate([[0], np.cumsum(n)[:-1]])  # start of each group in the sorted values
+    off_p = off + np.arange(G)  # ... and in the prefix sums (n + 1 entries a group)
+    xsort = np.empty(int(n.sum()))
+    psum, pabs = np.zeros(xsort.size + G), np.zeros(xsort.size + G)
+    orders, mus = [], []
+    for bi, blk in enumerate(blocks):
+        g0, (gb, nb) = sum(sizes[:bi]), blk.shape
+        order = np.argsort(blk, axis=1)
+        xs = np.take_along_axis(blk, order, axis=1)
+        mu = np.mean(blk, axis=1)
+        z = xs - mu[:, None]
+        a0, p0 = int(off[g0]), int(off_p[g0])
+        xsort[a0 : a0 + gb * nb] = xs.ravel()
+        p = psum[p0 : p0 + gb * (nb + 1)].reshape(gb, nb + 1)
+        np.cumsum(z, axis=1, out=p[:, 1:])
+        p = pabs[p0 : p0 + gb * (nb + 1)].reshape(gb, nb + 1)
+        np.cumsum(np.abs(z, out=z), axis=1, out=p[:, 1:])
+        orders.append(order)
+        mus.append(mu)
+    mu = np.concatenate(mus)
+    index = _GroupIndex(xsort, n, off)
+    c = np.concatenate(starts).astype(np.float64)
+    delta = np.zeros((G, k))  # bound on |c - the plain loop's c| (the start: identical)
+    run_lo = np.full((G, k), -1, dtype=np.int64)  # the run each centroid last came from
+    run_hi = np.full((G, k), -1, dtype=np.int64)  # (-1: still its start value)
+    start = c.copy()  # the start value of each centroid, carried through the sorts
+    keep = np.zeros((3, G, k))  # run_lo, run_hi, start as the means' assignment indexes them
+    status = np.zeros(G, dtype=np.int8)  # 0 running, 1 done, 2 handed to the exact loop
+    prev = np.full((G, k - 1), -1, dtype=np.int64)
+    edges_means = np.zeros((G, k - 1), dtype=np.int64)  # the assignment the means come from
+    edges_codes = np.zeros((G, k - 1), dtype=np.int64)  # the assignment returned
+    for it in range(max_iter + 1):
+        run = np.flatnonzero(status == 0)
+        if run.size == 0:
+            break
+        cr, dr = c[run], delta[run]
+        lo_c, hi_c = cr[:, :-1], cr[:, 1:]
+        mids = 0.5 * (lo_c + hi_c)
+        width = 2.0 * (8.0 * eps * (np.abs(lo_c) + np.abs(hi_c))
+                       + np.maximum(dr[:, :-1], dr[:, 1:])) + 1e-300  # fmt: skip
+        lo = index.count_below(run, mids - width)
+        # a value within the window: the first one at or above its lower end is not above it
+        first = xsort[off[run, None] + np.minimum(lo, n[run, None] - 1)]
+        near = np.any((lo < n[run, None]) & (first <= mids + width), axis=1)
+        status[run[near]] = 2
+        edges = lo
+        same = ~near & np.all(edges == prev[run], axis=1)
+        cap = ~near & ~same & (it == max_iter)
+        done = run[same]
+        edges_means[done] = edges[same]
+        edges_codes[done] = edges[same]
+        keep[:, done] = run_lo[done], run_hi[done], start[done]
+        edges_codes[run[cap]] = edges[cap]  # the means stay those of the step before
+        status[run[same | cap]] = 1
+        go = ~near & ~same & ~cap
+        rg, eg = run[go], edges[go]
+        if rg.size == 0:
+            continue
+        e = np.concatenate([np.zeros((rg.size, 1), dtype=np.int64), eg, n[rg, None]], axis=1)
+        counts = np.diff(e, axis=1)
+        held = counts > 0
+        cnt = np.maximum(counts, 1)
+        base = off_p[rg, None]
+        sums = psum[base + e[:, 1:]] - psum[base + e[:, :-1]]
+        abs_sums = pabs[base + e[:, 1:]] - pabs[base + e[:, :-1]]
+        new = np.where(held, mu[rg, None] + sums / cnt, c[rg])  # empty: stays
+        bound = (
+            gamma(n[rg, None] + 2.0) * (pabs[base + e[:, 1:]] + pabs[base + e[:, :-1]])
+            + gamma(cnt + 2.0) * (abs_sums + cnt * np.abs(mu[rg, None]))
+        ) / cnt
+        d = np.where(held, 2.0 * (bound + 4.0 * unit * np.abs(new)), delta[rg])
+        keep[:, rg] = run_lo[rg], run_hi[rg], start[rg]  # the cap: before this step
+        r_lo = np.where(held, e[:, :-1], run_lo[rg])
+        r_hi = np.where(held, e[:, 1:], run_hi[rg])
+        perm = np.argsort(new, axis=1, kind="stable")  # the plain loop sorts (stable)
+        c[rg] = np.take_along_axis(new, perm, axis=1)
+        delta[rg] = np.take_along_axis(d, perm, axis=1)
+        run_lo[rg] = np.take_along_axis(r_lo, perm, axis=1)
+        run_hi[rg] = np.take_along_axis(r_hi, perm, axis=1)
+        start[rg] = np.take_along_axis(start[rg], perm, axis=1)
+        prev[rg] = eg
+        edges_means[rg] = eg  # the cap: the means of this step's assignment
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for bi, blk in enumerate(blocks):
+        g0, g1 = bounds[bi], bounds[bi + 1]
+        ok = status[g0:g1] == 1
+        nb = blk.shape[1]
+        for r in np.flatnonzero(~ok):  # near a midpoint or an empty cluster: the plain loop
+            out_books[bi][r], out_codes[bi][r] = _lloyd_exact(blk[r], starts[bi][r], max_iter)
+        rows = np.flatnonzero(ok)
+        if rows.size == 0:
+            continue
+        sub = blk[rows]
+        codes_m = _codes_from_edges(edges_means[g0:g1][rows], orders[bi][rows], nb, k)
+        flat = (np.arange(rows.size)[:, None] * k + codes_m).ravel()
+        sums = np.bincount(flat, weights=sub.ravel(), minlength=rows.size * k)
+        counts = np.bincount(flat, minlength=rows.size * k)
+        book = (sums / np.maximum(counts, 1)).reshape(rows.size, k)
+        for i, j in zip(*np.nonzero(counts.reshape(rows.size, k) == 0), strict=True):
+            g = g0 + rows[i]  # empty: the value it kept, exact
+            lo_j, hi_j = int(keep[0, g, j]), int(keep[1, g, j])
+            if lo_j < 0:
+                book[i, j] = keep[2, g, j]
+            else:
+                idx = np.sort(orders[bi][rows[i], lo_j:hi_j])
+                book[i, j] = np.cumsum(blk[rows[i], idx])[-1] / idx.size  # input order
+        out_books[bi][rows] = np.sort(book, axis=1)
+        same = np.all(edges_codes[g0:g1][rows] == edges_means[g0:g1][rows], axis=1)
+        codes = codes_m
+        if not np.all(same):
+            codes = codes_m.copy()
+            codes[~same] = _codes_from_edges(
+                edges_codes[g0:g1][rows][~same], orders[bi][rows][~same], nb, k
+            )
+        out_codes[bi][rows] = codes
+    return out_books, out_codes
+
+
+class _GroupIndex:
+    """How many of a group's sorted values lie below given points, for many groups at once.
+
+    One ``searchsorted`` over every ``block``-th value of every group, as (group, value)
+    keys (complex numbers sort by real part, then imaginary part) small enough to stay in
+    cache, brackets each answer within ``block`` positions; counting the values of that
+    bracket (each group padded with ``block`` times +inf) gives it exactly.
+    """
+
+    def __init__(self, xsort: np.ndarray, n: np.ndarray, off: np.ndarray, block: int = 16):
+        G = n.size
+        m = -(-n // block)  # samples a group: positions 0, block, 2 block, ...
+        self._coff = np.concatenate([[0], np.cumsum(m)[:-1]])
+        gid = np.repeat(np.arange(G), m)
+        pos = (np.arange(int(m.sum())) - self._coff[gid]) * block
+        self._keys = np.empty(pos.size, dtype=np.complex128)
+        self._keys.real = gid
+        self._keys.imag = xsort[off[gid] + pos]
+        self._off = off + np.arange(G) * block  # group starts in the padded values
+        self._x = np.full(xsort.size + G * block, np.inf)
+        self._x[np.repeat(self._off - off, n) + np.arange(xsort.size)] = xsort
+        self._b = block
+        self._d = np.arange(1, block)
+
+    def count_below(self, groups: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """(G', q) counts of values ``< t[i, j]`` in group ``groups[i]``."""
+        q = groups[:, None] + 1j * t
+        j = np.searchsorted(self._keys, q.ravel(), side="left").reshape(t.shape)
+        j -= self._coff[groups][:, None]  # samples below t: the answer is in ((j-1)B, jB]
+        first = np.maximum(j - 1, 0) * self._b  # the last sample below t (j >= 1)
+        vals = self._x[(self._off[groups][:, None] + first)[:, :, None] + self._d]
+        inside = np.count_nonzero(vals < t[:, :, None], axis=2)
+        return np.where(j > 0, first + 1 + inside, 0)
+
+
+def _codes_from_edges(edges: np.ndarray, order: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Codes in the input's order from the cluster edges in the sorted order, (G, n)."""
+    g = edges.shape[0]
+    e = np.concatenate([np.zeros((g, 1), dtype=np.int64), edges, np.full((g, 1), n)], axis=1)
+    sorted_codes = np.repeat(np.tile(np.arange(k), g), np.diff(e, axis=1).ravel())
+    codes = np.empty(order.shape, dtype=np.int64)
+    np.put_along_axis(codes, order, sorted_codes.reshape(g, n), axis=1)
+    return codes
 
 
 def _sorted_assignment(
@@ -303,6 +515,27 @@ class KMeansQuantizer:
         Compressed
             ``detail`` is a :class:`CodebookTensor`.
         """
+        return self._finish(*self._cluster([self._rows(w)])[0])
+
+    def compress_many(self, weights: dict[str, Any], *, seed: int | None = None) -> dict:
+        """Cluster several tensors, each as :meth:`compress` does, the Lloyd iterations of
+        all their groups taken together (the same result, one pass a step for all).
+
+        Parameters
+        ----------
+        weights : dict of str to array_like or torch.Tensor
+        seed : ignored (k-means++ draws from ``self.seed`` and the group's index)
+
+        Returns
+        -------
+        dict of str to Compressed, in the order of ``weights``
+        """
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError(f"weights must be a non-empty dict of tensors, got {weights!r}")
+        done = self._cluster([self._rows(v) for v in weights.values()])
+        return {k: self._finish(*d) for k, d in zip(weights, done, strict=True)}
+
+    def _rows(self, w: Any) -> tuple[np.ndarray, Any, np.ndarray]:
         gran = self.granularity
         w64, like = prepare(w, min_ndim=1 if gran == "channel" else 0, what="quantize")
         rows = group_rows(w64, gran)
@@ -312,16 +545,39 @@ class KMeansQuantizer:
                 f"n_clusters must be at most the {rows.shape[1]} entries of each {per}, "
                 f"got {self.n_clusters!r}"
             )
-        books, codes = [], []
-        for g, row in enumerate(rows):
-            c, a = kmeans_1d(
-                row, self.n_clusters, algorithm=self.algorithm, init=self.init,
-                seed=np.random.SeedSequence([self.seed, g]),
-                max_iter=self.max_iter,
-            )  # fmt: skip
-            books.append(c)
-            codes.append(a)
-        return _codebook_result(self, w64, like, np.stack(books), np.stack(codes), "kmeans")
+        return w64, like, rows
+
+    def _cluster(self, prepared: list) -> list:
+        """(w64, like, books, codes) per tensor: :func:`kmeans_1d` on every group."""
+        k = self.n_clusters
+        books = [np.empty((rows.shape[0], k)) for _, _, rows in prepared]
+        codes = [np.zeros(rows.shape, dtype=np.int64) for _, _, rows in prepared]
+        blocks, starts, where = [], [], []
+        for t, (_, _, rows) in enumerate(prepared):
+            lo, hi = rows.min(axis=1), rows.max(axis=1)
+            flat = lo == hi  # one value: every centroid is it (as kmeans_1d)
+            books[t][flat] = rows[flat, :1]
+            live = np.flatnonzero(~flat)
+            if self.algorithm == "exact" or live.size == 0:
+                for g in live:
+                    books[t][g], codes[t][g] = kmeans_1d(rows[g], k, algorithm=self.algorithm)
+                continue
+            if self.init == "linear":
+                c0 = np.linspace(lo[live], hi[live], k, axis=1)
+            else:
+                c0 = np.stack([np.sort(_kmeanspp(rows[g], k, np.random.default_rng(
+                    np.random.SeedSequence([self.seed, int(g)])))) for g in live])  # fmt: skip
+            blocks.append(rows[live])
+            starts.append(c0)
+            where.append((t, live))
+        if blocks:
+            got_books, got_codes = _lloyd_rows(blocks, starts, self.max_iter)
+            for (t, live), b, a in zip(where, got_books, got_codes, strict=True):
+                books[t][live], codes[t][live] = b, a
+        return [(w64, like, books[t], codes[t]) for t, (w64, like, _) in enumerate(prepared)]
+
+    def _finish(self, w64, like, books, codes):
+        return _codebook_result(self, w64, like, books, codes, "kmeans")
 
 
 def _codebook_result(cfg, w64, like, books, codes, rule, exponent=None):
@@ -448,8 +704,7 @@ class NonUniformQuantizer:
         if self.grid == "power":
             a = self._exponents(rows, m)
             books = _power_codebooks(m, a, self.bits)
-            codes = np.stack([_power_codes(r, mi, ai, self.bits) for r, mi, ai in zip(
-                rows, m, a, strict=True)])  # fmt: skip
+            codes = _power_codes_rows(rows, m, a, self.bits)
             return _codebook_result(self, w64, like, books, codes, "power", exponent=a)
         levels = log2_levels(self.bits) if self.grid == "log2" else nf4_levels()
         safe = np.where(m > 0, m, 1.0)[:, None]
@@ -500,54 +755,83 @@ def _search_exponents(rows: np.ndarray, m: np.ndarray, bits: int) -> np.ndarray:
     r"""The exponent of eq. C10 per group (row): the least squared error over
     :data:`POWER_EXPONENTS`, ties to the largest.
 
-    The squared error of every candidate is read from the sorted magnitudes without
+    The squared error of every candidate is read from sums over the magnitudes without
     quantizing (eq. C10a): for exponent :math:`a` the entries of code :math:`k` are those with
-    :math:`t_{k-1} \le |w| < t_k`, :math:`t_k = m((k+	frac12)/L)^{1/a}`, and their error is
-    :math:`S_2 - 2c_kS_1 + n_kc_k^2` from prefix sums, :math:`c_k = m(k/L)^{1/a}` — O(L log n)
-    per candidate instead of O(n). An entry within rounding error of a threshold is coded as
-    eq. C9 codes it (its cell read from the rounding itself), so the cells are exact; the
-    candidates whose prefix-sum error lies within the sums' rounding error of the smallest
+    :math:`\tau_{k-1} \le |w|/m < \tau_k`, :math:`\tau_k = ((k+\frac12)/L)^{1/a}`, and
+    their error is :math:`S_2 - 2c_kS_1 + n_kc_k^2`, :math:`c_k = m(k/L)^{1/a}`. The
+    thresholds do not depend on the group, so one sorted list of all candidates' thresholds
+    serves every group: each entry falls in one interval of it, and per-group histograms of
+    the entries (count, :math:`\sum|w|`, :math:`\sum w^2`) over those intervals, summed
+    cumulatively, give every candidate's cells at once — O(n log(AL) + G A L) for all
+    groups, instead of a pass per candidate. An entry within rounding error of a threshold
+    is coded as eq. C9 codes it (its cell read from the rounding itself), so the cells are
+    exact; the candidates whose error lies within the sums' rounding error of the smallest
     are then re-evaluated as :math:`\sum_i(\hat w_i - w_i)^2` (eq. C10 itself), and the
     first of those minima is kept: the result is the exhaustive search's.
     """
     L = 2 ** (bits - 1) - 1
-    n_cand = POWER_EXPONENTS.size
-    levels = _power_codebooks(np.ones(n_cand), POWER_EXPONENTS, bits)[:, L:]  # (A, L+1), k>=0
+    a_all = POWER_EXPONENTS
+    n_cand = a_all.size
+    G, n = rows.shape
+    best = np.full(G, a_all[0])  # an all-zero group: every exponent is exact, the largest kept
+    live = np.flatnonzero(m > 0)
+    if live.size == 0:
+        return best
+    levels = _power_codebooks(np.ones(n_cand), a_all, bits)[:, L:]  # (A, L+1), k >= 0
     half = (np.arange(L, dtype=np.float64) + 0.5) / L
-    thresholds = half[None, :] ** (1.0 / POWER_EXPONENTS[:, None])  # (A, L), times m
-    # relative width around a threshold inside which the rounding of eq. C9 decides
-    window = 16.0 * np.finfo(np.float64).eps / POWER_EXPONENTS[:, None]
-    mags = np.sort(np.abs(rows), axis=1)
-    zero = np.zeros((rows.shape[0], 1))
-    p1 = np.concatenate([zero, np.cumsum(mags, axis=1)], axis=1)
-    p2 = np.concatenate([zero, np.cumsum(mags**2, axis=1)], axis=1)
-    n = rows.shape[1]
-    best = np.full(rows.shape[0], POWER_EXPONENTS[0])
-    for g in range(rows.shape[0]):
-        mg, sg = float(m[g]), mags[g]
-        if mg == 0.0:
-            continue  # all zeros: every exponent is exact, the largest is kept
-        t = mg * thresholds
-        lo = np.searchsorted(sg, t * (1.0 - window), side="left")
-        hi = np.searchsorted(sg, t * (1.0 + window), side="right")
-        edges = lo.copy()
-        for a_i, k in zip(*np.nonzero(hi > lo), strict=True):  # rare: decide by eq. C9
-            ys = np.round(L * (sg[lo[a_i, k] : hi[a_i, k]] / mg) ** POWER_EXPONENTS[a_i])
-            edges[a_i, k] += int(np.count_nonzero(ys <= k))
-        edges = np.concatenate(
-            [np.zeros((n_cand, 1), dtype=np.int64), edges, np.full((n_cand, 1), n)], axis=1
-        )
-        s1 = p1[g][edges[:, 1:]] - p1[g][edges[:, :-1]]
-        s2 = p2[g][edges[:, 1:]] - p2[g][edges[:, :-1]]
-        c = mg * levels
-        sse = np.sum(s2 - 2.0 * c * s1 + np.diff(edges, axis=1) * c * c, axis=1)  # (C10a)
-        tol = 1e-9 * max(float(sse.min()), 0.0) + 1e-12 * float(p2[g][-1])
-        near = np.flatnonzero(sse <= sse.min() + tol)
-        if near.size > 1:
-            exact = [_power_sse(rows[g], mg, POWER_EXPONENTS[i], bits) for i in near]
-            best[g] = POWER_EXPONENTS[near[int(np.argmin(exact))]]  # first minimum: largest a
-        else:
-            best[g] = POWER_EXPONENTS[near[0]]
+    tau = (half[None, :] ** (1.0 / a_all[:, None])).ravel()  # (A L,), candidate-major
+    by = np.argsort(tau, kind="stable")
+    tau_sorted = tau[by]
+    rank = np.empty_like(by)
+    rank[by] = np.arange(by.size)  # position of threshold (a, k) in tau_sorted
+    T = tau.size
+    mags = np.sort(np.abs(rows[live]), axis=1)  # sorted: the lookups below stay in cache
+    mg = m[live]
+    u = mags / mg[:, None]
+    gl = live.size
+    b = np.searchsorted(tau_sorted, u.ravel(), side="right").reshape(u.shape)  # taus <= u
+    flat = (np.arange(gl)[:, None] * (T + 1) + b).ravel()
+    # below threshold r: the entries with b <= r (count and sum of |w|)
+    cnt, s1 = (np.cumsum(np.bincount(flat, weights=w, minlength=gl * (T + 1)).reshape(
+        gl, T + 1)[:, :T], axis=1) for w in (None, mags.ravel()))  # fmt: skip
+    # entries within rounding error of a threshold: their cell as eq. C9 rounds them
+    window = 16.0 * np.finfo(np.float64).eps / a_all  # relative, per candidate
+    wide = float(window.max()) + 4.0 * np.finfo(np.float64).eps
+    lo_t = tau_sorted[np.maximum(b - 1, 0)]
+    hi_t = tau_sorted[np.minimum(b, T - 1)]
+    close = ((b > 0) & (u - lo_t <= wide * lo_t)) | ((b < T) & (hi_t - u <= wide * hi_t))
+    for gi, i in zip(*np.nonzero(close), strict=True):
+        x, mag = u[gi, i], mags[gi, i]
+        near = np.flatnonzero(np.abs(tau - x) <= (np.repeat(window, L) + 4e-16) * tau)
+        for r in near:  # threshold (a, k): below it iff the code of eq. C9 is at most k
+            ai, k = divmod(int(r), L)
+            c9 = np.round(L * (mag / mg[gi]) ** a_all[ai]) <= k
+            d = int(c9) - int(x < tau[r])
+            if d:
+                j = rank[r]
+                cnt[gi, j] += d
+                s1[gi, j] += d * mag
+    cols = rank.reshape(n_cand, L)
+    # (C10a) summed by parts over the cells: with N_k, S_k the count and sum of |w| below
+    # threshold k, sum_k (S2_k - 2 c_k S1_k + n_k c_k^2) = sum w^2
+    #   - 2 m [sum_k S_k (l_k - l_{k+1}) + l_L S] + m^2 [sum_k N_k (l_k^2 - l_{k+1}^2) + l_L^2 n]
+    dl = levels[:, :-1] - levels[:, 1:]
+    dl2 = levels[:, :-1] ** 2 - levels[:, 1:] ** 2
+    top = levels[:, L]
+    p2 = np.sum(mags * mags, axis=1)
+    lin = np.einsum("gak,ak->ga", s1[:, cols], dl) + top * mags.sum(axis=1)[:, None]
+    quad = np.einsum("gak,ak->ga", cnt[:, cols], dl2) + top**2 * n
+    sse = p2[:, None] - 2.0 * mg[:, None] * lin + (mg * mg)[:, None] * quad  # (G, A)
+    lowest = sse.min(axis=1)
+    tol = 1e-9 * np.maximum(lowest, 0.0) + 1e-12 * p2
+    near = sse <= (lowest + tol)[:, None]
+    first = np.argmax(near, axis=1)
+    best[live] = a_all[first]
+    for gi in np.flatnonzero(np.count_nonzero(near, axis=1) > 1):  # re-evaluate: eq. C10
+        g = live[gi]
+        cand = np.flatnonzero(near[gi])
+        exact = [_power_sse(rows[g], float(m[g]), a_all[i], bits) for i in cand]
+        best[g] = a_all[cand[int(np.argmin(exact))]]  # first minimum: the largest a
     return best
 
 
@@ -563,6 +847,16 @@ def _power_codebooks(m: np.ndarray, a: np.ndarray, bits: int) -> np.ndarray:
     k = np.arange(-L, L + 1, dtype=np.float64)
     mag = (np.abs(k)[None, :] / L) ** (1.0 / a[:, None])
     return np.sign(k)[None, :] * mag * m[:, None]  # the outer levels are ±m exactly
+
+
+def _power_codes_rows(rows: np.ndarray, m: np.ndarray, a: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`_power_codes` of every row (G, n), row ``g`` with ``m[g]`` and ``a[g]``."""
+    L = 2 ** (bits - 1) - 1
+    safe = np.where(m > 0, m, 1.0)[:, None]
+    y = np.sign(rows) * (np.abs(rows) / safe) ** a[:, None]
+    codes = (np.round(y * L) + L).astype(np.int64)
+    codes[m == 0] = L  # all zeros: the level 0
+    return codes
 
 
 def _power_codes(row: np.ndarray, m: float, a: float, bits: int) -> np.ndarray:

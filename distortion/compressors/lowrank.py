@@ -8,6 +8,9 @@ A weight of shape (C_out, C_in, k, k) is the matrix (C_out, C_in·k·k); its tru
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +110,7 @@ class LowRank:
         w64, like = prepare(w, min_ndim=2, what="factorize")
         mat = w64.reshape(w64.shape[0], -1)
         full = min(mat.shape)
-        u, s, vt = _thin_svd(mat)
+        u, s, vt = _cached_svd(mat)
         if self.rank is not None:
             if self.rank > full:
                 raise ValueError(
@@ -117,10 +120,43 @@ class LowRank:
             r = int(self.rank)
         else:
             r = _energy_rank(s, float(self.energy))
-        left, right = u[:, :r] * s[:r], vt[:r]
+        left, right = u[:, :r] * s[:r], vt[:r].copy()
         values, error = finish((left @ right).reshape(w64.shape), w64, like)
         model = exact_error_model(error, "channel", "lowrank")
         return Compressed(values, error, model, self, LowRankFactors(left, right, s, r))
+
+
+#: Most bytes of factors :func:`_cached_svd` keeps (least recently used dropped first).
+SVD_CACHE_BYTES = 256 * 2**20
+_svd_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+_svd_lock = threading.Lock()
+
+
+def _cached_svd(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_thin_svd` of ``mat``, remembered by its shape and the sha256 of its bytes.
+
+    The decomposition does not depend on the rank or energy asked for, so a grid of
+    configurations over the same weights (``AccuracyLossEstimator.predict``, the study, the
+    allocation) factorizes each matrix once; the factors are returned read-only. At most
+    :data:`SVD_CACHE_BYTES` are kept in memory, least recently used dropped first.
+    """
+    m = np.ascontiguousarray(mat, dtype=np.float64)
+    key = (m.shape, hashlib.sha256(memoryview(m).cast("B")).hexdigest())
+    with _svd_lock:
+        hit = _svd_cache.get(key)
+        if hit is not None:
+            _svd_cache.move_to_end(key)
+            return hit
+    factors = _thin_svd(m)
+    for f in factors:
+        f.flags.writeable = False
+    with _svd_lock:
+        _svd_cache[key] = factors
+        total = sum(sum(f.nbytes for f in v) for v in _svd_cache.values())
+        while total > SVD_CACHE_BYTES and len(_svd_cache) > 1:
+            _, old = _svd_cache.popitem(last=False)
+            total -= sum(f.nbytes for f in old)
+    return factors
 
 
 def _thin_svd(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -213,8 +213,9 @@ class MagnitudePruner:
 
         values64 = np.where(kept, w64, 0.0)
         values, error = finish(values64, w64, like)
-        # E = -W on the pruned set: its moments are those of the pruned weights (eq. C2)
-        model = exact_error_model(np.where(kept, 0.0, -w64), "channel", "pruning")
+        # E = -W on the pruned set (the kept weights come back exactly from any float
+        # dtype): its moments are those of the pruned weights (eq. C2)
+        model = exact_error_model(error, "channel", "pruning")
         detail = PrunedTensor(kept, float(1.0 - np.mean(kept)))
         return Compressed(values, error, model, self, detail)
 
