@@ -153,6 +153,21 @@ def test_config_defaults_match_the_default_file():
     assert len(cfg.quantizers(cfg.last_layer_bits)) == 14
 
 
+def test_low_bits_config_is_the_default_with_the_section_16_terms():
+    import dataclasses
+
+    from distortion.experiments.pipeline import DEFAULT_CONFIG
+
+    base = ExperimentConfig.from_toml(DEFAULT_CONFIG)
+    low = ExperimentConfig.from_toml(DEFAULT_CONFIG.parent / "low_bits.toml")
+    assert (low.all_layers_input_noise, low.all_layers_bias_correction) == (200, 1000)
+    assert (base.all_layers_input_noise, base.all_layers_bias_correction) == (0, 0)
+    differ = {"name", "source_file", "all_layers_input_noise", "all_layers_bias_correction"}
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name not in differ:
+            assert getattr(low, f.name) == getattr(base, f.name), f.name
+
+
 @pytest.mark.parametrize(
     "text,match",
     [
@@ -363,5 +378,11 @@ def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_pat
     assert (out / "figures").is_dir() and any((out / "figures").glob("*.png"))
     s = pd.read_csv(out / "comparison_summary.csv")
     assert "all, bias-corrected" in set(s["layers"])
+    # the L3I band's coverage beside L3L's, from the cells' own in-band flags
+    assert "L3I band" in summary
+    for _, row in s.iterrows():
+        cells = t[(t["layers"] == row["layers"]) & (t["granularity"] == row["granularity"])
+                  & t["bits"].between(row["bits_min"], row["bits_max"])]  # fmt: skip
+        assert np.isclose(row["band_coverage_L3I"], cells["L3I_flip_rate_in_band"].mean())
     with pytest.raises(ValueError, match="all_layers.bias_correction"):
         ExperimentConfig(all_layers_bias_correction=-1)

@@ -255,9 +255,9 @@ class Comparison:
         Mean absolute error of the flip rate and accuracy loss of each level and of Sakr's
         (clipped) bound, the share of cells where that bound is vacuous, the fraction of
         cells whose measured flip rate lies inside the band of the layer set's level-3
-        prediction (``band_coverage``: L3 for the last layer, L3L for all layers), and the
-        number of cells. The bit range is given by the integer columns ``bits_min`` and
-        ``bits_max``.
+        prediction (``band_coverage``: L3 for the last layer, L3L for all layers), the same
+        for level L3I where it was run (``band_coverage_L3I``), and the number of cells.
+        The bit range is given by the integer columns ``bits_min`` and ``bits_max``.
 
         Parameters
         ----------
@@ -270,17 +270,23 @@ class Comparison:
         if not len(t):
             return pd.DataFrame()
         groups = ["model", "problem", "layers", "granularity"]
+        extra = {}
+        if "L3I_flip_rate_in_band" in t:  # NaN in the cells it was not run for
+            extra["band_coverage_L3I"] = t["L3I_flip_rate_in_band"].astype(float)
         t = t.assign(
             bit_range=0 if split_bits is None else np.where(t["bits"] < split_bits, 0, 1),
             band_coverage=[
                 row.get(f"{BAND_LEVEL.get(row['layers'], 'L3L')}_flip_rate_in_band", np.nan)
                 for row in t.to_dict("records")
             ],
+            **extra,
         )
         t["band_coverage"] = t["band_coverage"].astype(float)
         err_cols = [c for c in t.columns if c.endswith("_abs_error")]
         named: dict[str, Any] = {c: (c, "mean") for c in err_cols}
         named["band_coverage"] = ("band_coverage", "mean")
+        if extra:
+            named["band_coverage_L3I"] = ("band_coverage_L3I", "mean")
         if "sakr_vacuous" in t:
             t["sakr_vacuous"] = t["sakr_vacuous"].astype(float)
             named["sakr_vacuous_share"] = ("sakr_vacuous", "mean")

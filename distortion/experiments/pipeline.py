@@ -1133,6 +1133,8 @@ SUMMARY_TEXT_COLUMNS: dict[str, str] = {
     "<level> |err| pp": "mean absolute error of the level's (or bound's) flip rate against "
     "the measured one, in percentage points",
     "L3 in band": "share of cells whose measured flip rate lies in the level-3 band",
+    "L3I band": "the same for the band of level L3I (all layers, where all_layers.input_noise "
+    "> 0)",
     "H_U fails": "share of (quantized layer x bit-width) whose error fails H_U",
     "H_G margins fail": "share of logit margins failing normality (last layer)",
 }
@@ -1142,6 +1144,8 @@ SUMMARY_TEXT_COLUMNS: dict[str, str] = {
 SUMMARY_CSV_COLUMNS: dict[str, str] = {
     "band_coverage": "share of the group's cells whose measured flip rate lies inside the band "
     "of the layer set's level-3 prediction (L3 for the last layer, L3L for all layers)",
+    "band_coverage_L3I": "the same for the band of level L3I, where it was run "
+    "(all_layers.input_noise > 0; empty elsewhere)",
     "sakr_vacuous_share": "share of the group's cells where Sakr's published bound is >= 1",
     "cells": "number of cells (bit-widths) in the group",
     "bits_min": "smallest bit-width of the group (integer)",
@@ -1301,6 +1305,10 @@ def summary_table(
     for c in cols:
         show[c.replace("_flip_rate_abs_error", " |err| pp")] = [pct(v) for v in s[c]]
     show["band"] = [pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["band_coverage"]]
+    if "band_coverage_L3I" in s and s["band_coverage_L3I"].notna().any():
+        show["L3I band"] = [
+            pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["band_coverage_L3I"]
+        ]
     if "sakr_vacuous_share" in s:
         show["sakr vacuous"] = [
             pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["sakr_vacuous_share"]
@@ -1325,7 +1333,8 @@ def summary_table(
     if any(c.startswith("L3I") for c in cols):
         lines.append(
             "L3I: L3L with each layer's second moment inflated by the noise at its input "
-            "(all_layers.input_noise, theory/multilayer.md eq. L25); 'all, bias-corrected': "
+            "(all_layers.input_noise, theory/multilayer.md eq. L25), 'L3I band' the coverage of "
+            "its band; 'all, bias-corrected': "
             "the networks with corrected biases (all_layers.bias_correction, eq. L22)."
         )
     if verdicts is not None and len(verdicts):
