@@ -650,17 +650,18 @@ def test_lowrank_decomposition_is_remembered_read_only():
     assert len(lowrank._svd_cache) == 2
 
 
-def test_compress_layers_under_one_blas_thread_is_the_same():
-    from distortion.compressors._common import blas_single_thread
-    from distortion.experiments.compare_compression import _compress_layers, compress_layers
+def test_lowrank_on_one_blas_thread_or_many_is_the_same(monkeypatch):
+    from distortion.compressors import lowrank
 
-    weights = {"a": _w((8, 30), 73), "b": _w((5, 4, 3, 3), 74)}
-    with blas_single_thread():
-        pass
-    for comp in [LowRank(energy=0.9), KMeansQuantizer(4), MagnitudePruner(0.5)]:
-        x, y = compress_layers(comp, weights), _compress_layers(comp, weights, 0)
-        for name in weights:
-            np.testing.assert_allclose(x[name].values, y[name].values, rtol=1e-13, atol=1e-15)
+    for w in [_w((8, 30), 73), _w((5, 4, 3, 3), 74)]:
+        lowrank._svd_cache.clear()
+        small = LowRank(energy=0.9).compress(w)  # one BLAS thread
+        lowrank._svd_cache.clear()
+        monkeypatch.setattr(lowrank, "SMALL_MATRIX", 0)  # the threads BLAS has
+        many = LowRank(energy=0.9).compress(w)
+        monkeypatch.undo()
+        np.testing.assert_allclose(small.values, many.values, rtol=1e-12, atol=1e-14)
+        assert small.detail.rank == many.detail.rank
 
 
 def test_kmeans_degenerate_and_validation():

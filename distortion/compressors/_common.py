@@ -35,8 +35,8 @@ def blas_single_thread():
     Compressing layer after layer interleaves small BLAS calls (numpy) with tensor copies
     (torch): each library's worker threads then spin while the other's run, and on a
     2-core machine a 64×40 by 40×576 product took 8.6 ms instead of 0.1 ms beside a torch
-    copy (``benchmarks/bench_compression.py`` shows the effect). One BLAS thread is what
-    such small products need. Without threadpoolctl this is a no-op.
+    copy (0.74 ms with one BLAS thread). :class:`~distortion.compressors.LowRank` uses it for
+    matrices of up to ``SMALL_MATRIX`` entries. Without threadpoolctl this is a no-op.
     """
     global _controller
     from contextlib import nullcontext

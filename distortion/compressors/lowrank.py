@@ -8,6 +8,7 @@ A weight of shape (C_out, C_in, k, k) is the matrix (C_out, C_in·k·k); its tru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -16,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from distortion.compressors._common import check_int, exact_error_model, finish, prepare
+from distortion.compressors._common import (
+    blas_single_thread,
+    check_int,
+    exact_error_model,
+    finish,
+    prepare,
+)
 
 __all__ = ["LowRank", "LowRankFactors"]
 
@@ -105,10 +112,15 @@ class LowRank:
         Compressed
             ``detail`` is a :class:`LowRankFactors`.
         """
-        from distortion.compression import Compressed
-
         w64, like = prepare(w, min_ndim=2, what="factorize")
         mat = w64.reshape(w64.shape[0], -1)
+        small = mat.size <= SMALL_MATRIX  # one BLAS thread: see blas_single_thread
+        with blas_single_thread() if small else contextlib.nullcontext():
+            return self._truncate(w64, like, mat)
+
+    def _truncate(self, w64: np.ndarray, like: Any, mat: np.ndarray):
+        from distortion.compression import Compressed
+
         full = min(mat.shape)
         u, s, vt = _cached_svd(mat)
         if self.rank is not None:
@@ -126,6 +138,8 @@ class LowRank:
         return Compressed(values, error, model, self, LowRankFactors(left, right, s, r))
 
 
+#: Matrices up to this many entries are factorized and rebuilt on one BLAS thread.
+SMALL_MATRIX = 2**20
 #: Most bytes of factors :func:`_cached_svd` keeps (least recently used dropped first).
 SVD_CACHE_BYTES = 256 * 2**20
 _svd_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()

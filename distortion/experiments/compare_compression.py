@@ -160,13 +160,6 @@ def compress_layers(compressor: Any, weights: dict[str, Any], *, seed: int | Non
     -------
     dict of str to Compressed, in the order of ``weights``
     """
-    from distortion.compressors._common import blas_single_thread
-
-    with blas_single_thread():
-        return _compress_layers(compressor, weights, seed)
-
-
-def _compress_layers(compressor: Any, weights: dict[str, Any], seed: int | None) -> dict:
     if isinstance(compressor, dict):
         unknown = sorted(set(compressor) - set(weights))
         if unknown:
