@@ -645,7 +645,8 @@ def test_lowrank_decomposition_is_remembered_read_only():
     cached = next(iter(lowrank._svd_cache.values()))
     assert not any(f.flags.writeable for f in cached)
     a.detail.right[0, 0] = 123.0  # the result's factors are its own
-    assert cached[2][0, 0] != 123.0
+    a.detail.singular_values[0] = 123.0
+    assert cached[2][0, 0] != 123.0 and cached[1][0] != 123.0
     LowRank(3).compress(w + 1e-3)  # other weights: another entry
     assert len(lowrank._svd_cache) == 2
 

@@ -163,10 +163,10 @@ def _lloyd_rows(
     The steps between the start and the fixed point only matter through the assignments
     they produce, so they are taken at O(k log n) each: a cluster is a run of the sorted
     values, its sum a difference of prefix sums of the centred sorted values (all groups'
-    midpoints found by one ``searchsorted`` over (group, value) keys). Those centroids
-    differ from the plain loop's, whose sums run in the input's order, by rounding only;
-    each step bounds that difference (``delta``: the prefix sums' and the plain sums'
-    rounding bounds, :math:`\gamma_n = nu/(1-nu)`, with a factor 2), and a group with a
+    midpoints located at once by :class:`_GroupIndex`). Those centroids differ from the
+    plain loop's, whose sums run in the input's order, by rounding only; each step bounds
+    that difference (``delta``, eq. C7a: the prefix sums' and the plain sums' rounding
+    bounds, :math:`\gamma_n = nu/(1-nu)`, with a factor 2), and a group with a
     value within that bound (plus the nearest rule's own rounding window) of a midpoint is
     handed to :func:`_lloyd_exact`. Elsewhere every assignment is the plain loop's, and the
     returned centroids are the exact means, sums in the input's order, of the last

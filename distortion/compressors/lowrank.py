@@ -122,20 +122,17 @@ class LowRank:
         from distortion.compression import Compressed
 
         full = min(mat.shape)
-        u, s, vt = _cached_svd(mat)
-        if self.rank is not None:
-            if self.rank > full:
-                raise ValueError(
-                    f"rank must be in 1..min{mat.shape} = {full} for w of shape "
-                    f"{w64.shape!r}, got {self.rank!r}"
-                )
-            r = int(self.rank)
-        else:
-            r = _energy_rank(s, float(self.energy))
+        if self.rank is not None and self.rank > full:
+            raise ValueError(
+                f"rank must be in 1..min{mat.shape} = {full} for w of shape "
+                f"{w64.shape!r}, got {self.rank!r}"
+            )
+        u, s, vt = _cached_svd(mat)  # read-only: what the result holds is its own
+        r = int(self.rank) if self.rank is not None else _energy_rank(s, float(self.energy))
         left, right = u[:, :r] * s[:r], vt[:r].copy()
         values, error = finish((left @ right).reshape(w64.shape), w64, like)
         model = exact_error_model(error, "channel", "lowrank")
-        return Compressed(values, error, model, self, LowRankFactors(left, right, s, r))
+        return Compressed(values, error, model, self, LowRankFactors(left, right, s.copy(), r))
 
 
 #: Matrices up to this many entries are factorized and rebuilt on one BLAS thread.
