@@ -141,6 +141,7 @@ SMALL_MATRIX = 2**20
 SVD_CACHE_BYTES = 256 * 2**20
 _svd_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 _svd_lock = threading.Lock()
+_svd_bytes = 0  # bytes held by _svd_cache
 
 
 def _cached_svd(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,12 +162,16 @@ def _cached_svd(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     factors = _thin_svd(m)
     for f in factors:
         f.flags.writeable = False
+    global _svd_bytes
     with _svd_lock:
+        if not _svd_cache:  # emptied (``_svd_cache.clear()``): nothing held
+            _svd_bytes = 0
+        if key not in _svd_cache:
+            _svd_bytes += sum(f.nbytes for f in factors)
         _svd_cache[key] = factors
-        total = sum(sum(f.nbytes for f in v) for v in _svd_cache.values())
-        while total > SVD_CACHE_BYTES and len(_svd_cache) > 1:
+        while _svd_bytes > SVD_CACHE_BYTES and len(_svd_cache) > 1:
             _, old = _svd_cache.popitem(last=False)
-            total -= sum(f.nbytes for f in old)
+            _svd_bytes -= sum(f.nbytes for f in old)
     return factors
 
 
