@@ -58,11 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--n", type=int, default=2000, help="test images (default 2000)")
     ap.add_argument("--bits", default="3,4", help="bit-widths (default 3,4)")
-    ap.add_argument("--hessian-n", type=int, default=500, help="images of the Hessian trace")
+    ap.add_argument(
+        "--hessian-n", type=int, default=500,
+        help="images of the Hessian trace (0: no Hutchinson HAWQ-V2 column)",
+    )  # fmt: skip
     ap.add_argument("--hessian-draws", type=int, default=32, help="Rademacher draws")
     ap.add_argument(
         "--realizations", type=int, default=40, help="simulated error realizations (bands)"
     )
+    ap.add_argument(
+        "--dither", type=int, default=0, metavar="D",
+        help="also run each layer under D subtractive-dither quantizations (H_U exact) through "
+        "the real network: the share of them inside the band is the band's calibration against "
+        "the linearization alone (level 3N, one layer at a time)",
+    )  # fmt: skip
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument(
         "--bias-correction", type=int, default=0, metavar="N",
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse the measured decisions saved by a previous run (same model and n)",
     )
     args = ap.parse_args(argv)
+    if args.dither < 0 or args.hessian_n < 0:
+        ap.error("--dither and --hessian-n must be >= 0")
 
     import torch
 
@@ -117,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     names = list(grams.layer_names)
 
     t = time.perf_counter()
-    hdata = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.hessian_n)
-    trace = hessian_trace(
-        model, hdata, layers=names, n_draws=args.hessian_draws, seed=args.seed,
-        cache_dir=args.cache_dir, progress=progress,
-    )  # fmt: skip
+    trace = hdata = None
+    if args.hessian_n:
+        hdata = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.hessian_n)
+        trace = hessian_trace(
+            model, hdata, layers=names, n_draws=args.hessian_draws, seed=args.seed,
+            cache_dir=args.cache_dir, progress=progress,
+        )  # fmt: skip
     timings["hessian_trace_s"] = time.perf_counter() - t
     gn_trace = gauss_newton_trace(grams)
 
@@ -139,15 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_measured and pred_file.is_file():
         with np.load(pred_file) as z:
             reused = {(int(k.split(":")[0]), k.split(":")[1]): z[k] for k in z.files}
-    rows = []
+    rows, dither_rows = [], []
     sims: dict[int, list[np.ndarray]] = {b: [] for b in bits_list}
-    t_measure = t_predict = 0.0
+    t_measure = t_predict = t_dither = 0.0
     for bits in bits_list:
         q = UniformQuantizer(bits)
         comp = {n: q.compress(get_layer(model, n).weight.detach()) for n in names}
         qt = {n: c.detail for n, c in comp.items()}
         sq_err = [float(np.sum(qt[n].error ** 2)) for n in names]
-        hawq = hawq_v2_sensitivity(trace, sq_err)
+        hawq = None if trace is None else hawq_v2_sensitivity(trace, sq_err)
         hawq_gn = hawq_v2_sensitivity(gn_trace, sq_err)
         for li, name in enumerate(names):
             var = [0.0] * len(names)
@@ -169,6 +182,20 @@ def main(argv: list[str] | None = None) -> int:
             t_measure += time.perf_counter() - t
             reused[(bits, name)] = pq
             band = ours.flip_band()
+            dq = UniformQuantizer(bits, rounding="dither")
+            dflips = []
+            t = time.perf_counter()
+            for draw in range(args.dither):  # seeded from the run's seed, layer and draw
+                seed = args.seed + 1_000_003 * (draw + 1) + 1009 * li
+                dmodel, _ = quantize_model(model, dq, [name], bias_correction=means, seed=seed)
+                with torch.inference_mode():
+                    dp = predict_logits(dmodel, data, progress=False).argmax(axis=1)
+                dflips.append(float(np.mean(dp != pred_float)))
+                dither_rows.append({"bits": bits, "layer": name, "draw": draw,
+                                    "flip": dflips[-1],
+                                    "in_band": band.low <= dflips[-1] <= band.high})  # fmt: skip
+            t_dither += time.perf_counter() - t
+            d_in = np.mean([band.low <= f <= band.high for f in dflips]) if dflips else np.nan
             if args.realizations:
                 sims[bits].append(ours.flip_counts / ours.n_samples)
             rows.append(
@@ -184,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_flip_low": band.low,
                     "ours_flip_high": band.high,
                     "sakr_bound": sakr.bound,
-                    "hawq_omega": float(hawq.omega[li]),
-                    "hawq_omega_se": float(hawq.omega_stderr[li]),
+                    "hawq_omega": np.nan if hawq is None else float(hawq.omega[li]),
+                    "hawq_omega_se": np.nan if hawq is None else float(hawq.omega_stderr[li]),
                     "hawq_gn_omega": float(hawq_gn.omega[li]),
+                    "dither_flip_mean": float(np.mean(dflips)) if dflips else np.nan,
+                    "dither_in_band": d_in,
                 }  # fmt: skip
             )
     timings["measure_all_s"] = t_measure
+    timings["dither_all_s"] = t_dither
     timings["predict_all_s"] = t_predict
     table = pd.DataFrame(rows)
 
@@ -231,12 +261,24 @@ def main(argv: list[str] | None = None) -> int:
         summary["ceiling_median"] = [ceil.get(k, [np.nan] * 3)[1] for k in summary["set"]]
         summary["ceiling_p95"] = [ceil.get(k, [np.nan] * 3)[2] for k in summary["set"]]
         summary["measured_in_band"] = [ceil.get(f"{k} in band", np.nan) for k in summary["set"]]
+    if dither_rows:  # the band against H_U realizations through the real network
+        dith = pd.DataFrame(dither_rows)
+        share = {f"{b} bits": float(dith[dith.bits == b].in_band.mean()) for b in bits_list}
+        share["pooled"] = float(dith.in_band.mean())
+        summary["dither_in_band"] = [share.get(k, np.nan) for k in summary["set"]]
+        summary["dither_replications"] = [
+            int((dith.bits == int(k.split()[0])).sum()) if k != "pooled" else len(dith)
+            for k in summary["set"]
+        ]
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(pred_file, **{f"{b}:{n}": v for (b, n), v in reused.items()})
     table.to_csv(out_dir / "table.csv", index=False)
+    if dither_rows:
+        pd.DataFrame(dither_rows).to_csv(out_dir / "dither.csv", index=False)
     summary.to_csv(out_dir / "spearman.csv", index=False)
     info = {
-        "model": args.model, "n_images": len(data), "hessian_images": len(hdata),
+        "model": args.model, "n_images": len(data),
+        "hessian_images": 0 if hdata is None else len(hdata),
         "hessian_draws": args.hessian_draws, "float_accuracy": float(np.mean(pred_float == labels)),
         "bias_correction": args.bias_correction,
         **timings,

@@ -1,0 +1,50 @@
+"""`experiments/layerwise_resnet20.py --dither D`: the per-layer band against subtractive-dither
+quantizations of the same layer through the real network (level 3N, one layer at a time)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("torch")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "layerwise_resnet20.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("layerwise_resnet20", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dither_replications_are_counted_against_the_band(real_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTORTION_DATA", str(real_data))
+    out = tmp_path / "out"
+    argv = ["--n", "40", "--bits", "3", "--hessian-n", "0", "--realizations", "10",
+            "--dither", "2", "--quiet", "--cache-dir", str(tmp_path / "c"),
+            "--out", str(out)]  # fmt: skip
+    assert _script().main(argv) == 0
+    table = pd.read_csv(out / "table.csv")
+    dith = pd.read_csv(out / "dither.csv")
+    assert len(table) == 20 and len(dith) == 40  # 20 layers, 2 draws each
+    assert table["hawq_omega"].isna().all()  # no Hessian trace asked for
+    # each draw's verdict is its flip rate against that layer's band; the table's share and the
+    # summary's pooled share are the means of those verdicts
+    merged = dith.merge(table[["layer", "ours_flip_low", "ours_flip_high"]], on="layer")
+    want = (merged.ours_flip_low <= merged.flip) & (merged.flip <= merged.ours_flip_high)
+    assert (want == merged.in_band).all()
+    per_layer = dith.groupby("layer", sort=False).in_band.mean()
+    np.testing.assert_allclose(table.set_index("layer").loc[per_layer.index, "dither_in_band"],
+                               per_layer.to_numpy())  # fmt: skip
+    summary = pd.read_csv(out / "spearman.csv").set_index("set")
+    assert summary.loc["3 bits", "dither_replications"] == 40
+    assert summary.loc["3 bits", "dither_in_band"] == pytest.approx(dith.in_band.mean())
+    # the draws differ from each other and from the rounding (dither is not nearest rounding)
+    assert dith.groupby("layer").flip.nunique().max() > 1
+    with pytest.raises(SystemExit):
+        _script().main(["--dither", "-1"])
