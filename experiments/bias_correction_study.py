@@ -13,7 +13,10 @@ the first ``--n`` evaluation images of the default study's split, with the first
 * the bias-corrected network (eq. L22): measured, 2L and 3L from the centred Grams (eq. L23),
   with the band;
 * for both, level 3I: 3L with each layer's second moment inflated by the noise at its input
-  (eq. L25-L26), the ratios estimated on the first ``--noise-images`` evaluation images.
+  (eq. L25-L26), the ratios estimated on the first ``--noise-images`` evaluation images;
+* with ``--dither R``, for both: R subtractive-dither quantizations of every layer (H_U exact,
+  level 3N) through the real network, their mean flip rate, and the share of them inside the
+  3L and 3I bands (``dither_in_*``): the bands' calibration against the linearization alone.
 
     python experiments/bias_correction_study.py --models resnet20 resnet56 --n 500
 
@@ -45,7 +48,7 @@ def _inside(p, measured: float) -> bool:
 
 
 def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: bool,
-          n_noise: int):  # fmt: skip
+          n_noise: int, n_dither: int = 0, seed: int = 0):  # fmt: skip
     from distortion.experiments.bias_correction import (
         apply_bias_correction,
         bias_corrections,
@@ -53,7 +56,7 @@ def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: 
     )
     from distortion.experiments.compare import compare_all_layers, first_order_actual_flips
     from distortion.experiments.data import load_dataset
-    from distortion.experiments.measure import predict_logits, quantize_model
+    from distortion.experiments.measure import measure, predict_logits, quantize_model
     from distortion.experiments.models import get_layer, load_model
     from distortion.experiments.pipeline import fit_evaluate_mask, select_images
     from distortion.quantize import UniformQuantizer
@@ -113,6 +116,18 @@ def study(name: str, n: int, n_cal: int, bits: list[int], cache: str, progress: 
             "in_band_L3I": _inside(cp.predictions["L3I"], measured),
             "bc_in_band_L3L": _inside(b3, bm), "bc_in_band_L3I": _inside(b3i, bm),
         })  # fmt: skip
+        if n_dither:  # level 3N realizations against the bands (H_U exact: the linearization)
+            dq = UniformQuantizer(bits=q.bits, granularity=q.granularity, rounding="dither")
+            for pre, cell, bc in (("", cp, None), ("bc_", cb, means)):
+                m = measure(model, ev, dq, layers=names, reference_logits=z0, repeats=n_dither,
+                            seed=seed + 7919 * q.bits + (0 if bc is None else 104_729),
+                            progress=False, bias_correction=bc)  # fmt: skip
+                rates = np.asarray(m.flip_rates)
+                row[f"{pre}dither_mean"] = float(rates.mean())
+                for lvl in ("L3L", "L3I"):
+                    b = cell.predictions[lvl].flip_rate_band
+                    inside = (rates >= b.low) & (rates <= b.high)
+                    row[f"{pre}dither_in_{lvl}"] = float(np.mean(inside))
         rows.append(row)
     times = {"means_s": t_means, "plain_s": t_plain, "bias_corrected_s": t_bc}
     return pd.DataFrame(rows), times
@@ -128,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=".", help="folder of bias_correction_study.csv")
     p.add_argument("--noise-images", type=int, default=200,
                    help="evaluation images of the input-noise ratios (level L3I)")
+    p.add_argument("--dither", type=int, default=0, metavar="R",
+                   help="subtractive-dither realizations per cell (level 3N against the bands)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dither realizations")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.dither < 0 or a.dither == 1:
+        p.error("--dither must be 0 or >= 2")
     frames = []
     for name in a.models:
         df, times = study(name, a.n, a.calibration, a.bits, a.cache, not a.quiet,
-                          a.noise_images)
+                          a.noise_images, a.dither, a.seed)
         pd.set_option("display.width", 250)
         print(f"\n{name}: n={a.n}, calibration={a.calibration}, " + ", ".join(
             f"{k} {v:.0f}" for k, v in times.items()))  # fmt: skip
