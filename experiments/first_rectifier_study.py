@@ -148,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(a.model).eval()
     data = load_dataset(shared / "data" / "cifar10" / "test.npz", n=a.n)
     x = torch.cat([b[0] for b in data.batches(a.n)])
-    layers = a.layers or block_first_convolutions(model)
+    known = block_first_convolutions(model)
+    layers = a.layers or known
+    if unknown := [name for name in layers if name not in known]:
+        p.error(f"not a block's first convolution of {a.model}: {', '.join(unknown)} "
+                f"(these are: {known[0]} ... {known[-1]})")  # fmt: skip
     dq = UniformQuantizer(a.bits, rounding="dither")
     rows = []
     for li, name in enumerate(layers):

@@ -7,22 +7,16 @@ give the first order back."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "first_rectifier_study.py"
+from _scripts import load_script  # noqa: E402
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("first_rectifier_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("first_rectifier_study")
 
 
 def _net():
@@ -115,6 +109,8 @@ def test_bad_input():
         mod.first_rectifier_flips(net, x, "layer1.0.conv2", [w * 0])
     with pytest.raises(ValueError, match="shape"):
         mod.first_rectifier_flips(net, x, "layer1.0.conv1", [torch.zeros(3, 3)])
+    with pytest.raises(SystemExit):
+        mod.main(["--realizations", "0"])
     net.train()
     with pytest.raises(ValueError, match="eval mode"):
         mod.first_rectifier_flips(net, x, "layer1.0.conv1", [w * 0])

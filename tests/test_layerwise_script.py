@@ -3,23 +3,17 @@ quantizations of the same layer through the real network (level 3N, one layer at
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 pytest.importorskip("torch")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "layerwise_resnet20.py"
+from _scripts import load_script  # noqa: E402
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("layerwise_resnet20", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("layerwise_resnet20")
 
 
 def test_dither_replications_are_counted_against_the_band(real_data, tmp_path, monkeypatch):
