@@ -8,10 +8,12 @@ same error realizations E on the same images (``theory/multilayer.md`` section 1
   at the rectifier's input, a the float pre-activation and J the Jacobian of the logits in the
   rectifier's output (the rest of the network linearized at the float point);
 * ``rectifier`` -- the same rest linearized, but the rectifier exact: J (relu(a + d) - relu(a));
-* ``real`` -- the real network with W + E (level 3N for one layer).
+* ``real`` -- the real network with W + E (level 3N for one layer);
+* ``shifted`` -- the first order plus the closed-form mean shift of the rectifier (eq. L27-L28,
+  ``distortion.experiments.curvature.rectifier_weight_shift``), the same for every E.
 
 ``share`` = (rectifier - linear) / (real - linear) is the part of the linearization's miss that
-the one rectifier carries.
+the one rectifier carries; ``share_shifted`` the part its closed-form mean shift carries.
 
     python experiments/first_rectifier_study.py --model resnet56 --n 500 --bits 3 \\
         --layers layer1.8.conv1 layer1.4.conv1 --realizations 8
@@ -42,14 +44,29 @@ def block_first_convolutions(model) -> list[str]:
     ]
 
 
-def first_rectifier_flips(model, x, layer: str, errors) -> dict[str, np.ndarray]:
-    """Flip rates of ``linear``, ``rectifier`` and ``real`` for each error in ``errors``."""
+def first_rectifier_flips(model, x, layer: str, errors, shift=None) -> dict[str, np.ndarray]:
+    """Flip rates of ``linear``, ``rectifier`` and ``real`` for each error in ``errors``, and
+    of ``shifted`` (``linear`` plus the logit ``shift``, shape (N, K)) when one is given."""
     out: dict[str, list[float]] = {"linear": [], "rectifier": [], "real": []}
+    if shift is not None:
+        out["shifted"] = []
     for z0, z in logit_perturbations(model, x, layer, errors):
         ref = z0.argmax(1)
+        if shift is not None:
+            z["shifted"] = z["linear"] + torch_like(shift, z0)
         for key, zk in z.items():
             out[key].append(float((zk.argmax(1) != ref).double().mean()))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def torch_like(a, ref):
+    """``a`` as a tensor of ``ref``'s dtype, checked against its shape."""
+    import torch
+
+    t = torch.as_tensor(np.asarray(a), dtype=ref.dtype)
+    if t.shape != ref.shape:
+        raise ValueError(f"shift of shape {tuple(t.shape)} for logits {tuple(ref.shape)}")
+    return t
 
 
 def logit_perturbations(model, x, layer: str, errors):
@@ -138,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from distortion.experiments import _paths
+    from distortion.experiments.curvature import rectifier_weight_shift
     from distortion.experiments.data import load_dataset
     from distortion.experiments.models import get_layer, load_model
     from distortion.quantize import UniformQuantizer
@@ -162,13 +180,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.as_tensor(dq.compress(w, seed=a.seed + 1009 * li + r).values, dtype=w.dtype) - w
             for r in range(a.realizations)
         ]
-        f = first_rectifier_flips(model, x, name, errors)
+        m2 = dq.compress(w).error_model.second_moment  # the dither's Delta^2 / 12
+        shift = rectifier_weight_shift(model, (x, None), name, m2, dtype=torch.float32)
+        f = first_rectifier_flips(model, x, name, errors, shift=shift)
         gap = f["real"].mean() - f["linear"].mean()
         rows.append({
             "model": a.model, "layer": name, "bits": a.bits, "n": a.n, "realizations": len(errors),
             **{k: float(v.mean()) for k, v in f.items()},
             **{f"{k}_sd": float(v.std(ddof=1)) if v.size > 1 else np.nan for k, v in f.items()},
             "share": float((f["rectifier"].mean() - f["linear"].mean()) / gap) if gap else np.nan,
+            "share_shifted": float((f["shifted"].mean() - f["linear"].mean()) / gap)
+            if gap else np.nan,
             "seconds": time.perf_counter() - t,
         })  # fmt: skip
         print(pd.DataFrame(rows[-1:]).round(4).to_string(index=False, header=li == 0), flush=True)

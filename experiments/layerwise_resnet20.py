@@ -14,6 +14,12 @@ against the float network) is measured. Three per-layer predictions are ranked a
   ``--hessian-n`` images, and with the exact Gauss-Newton trace from the same Grams on all
   ``--n`` images (eq. BL7; exact for ResNets, which are piecewise linear in each layer).
 
+With ``--rectifier``, ours is also given with the mean shift of the rectifier right after each
+layer (``theory/multilayer.md`` eq. L27-L28): the columns ``rect_flip`` and its band.
+``--dither D`` runs D subtractive-dither quantizations of each layer through the real network
+(H_U exact): the share inside each band is its calibration against the linearization alone.
+``--skip S`` takes the test images S .. S+n-1 (held out from the first ones).
+
 Usage::
 
     OMP_NUM_THREADS=2 python experiments/layerwise_resnet20.py            # n = 2000
@@ -57,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--n", type=int, default=2000, help="test images (default 2000)")
+    ap.add_argument(
+        "--skip", type=int, default=0, metavar="S",
+        help="use the test images S .. S+n-1 instead of the first n (held-out images)",
+    )  # fmt: skip
     ap.add_argument("--bits", default="3,4", help="bit-widths (default 3,4)")
     ap.add_argument(
         "--hessian-n", type=int, default=500,
@@ -71,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run each layer under D subtractive-dither quantizations (H_U exact) through "
         "the real network: the share of them inside the band is the band's calibration against "
         "the linearization alone (level 3N, one layer at a time)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--rectifier", action="store_true",
+        help="also predict with the mean shift of the rectifier after each layer (theory/"
+        "multilayer.md eq. L27-L28; one forward-mode pass per layer and bit-width, float32)",
     )  # fmt: skip
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument(
@@ -87,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse the measured decisions saved by a previous run (same model and n)",
     )
     args = ap.parse_args(argv)
-    if args.dither < 0 or args.hessian_n < 0:
-        ap.error("--dither and --hessian-n must be >= 0")
+    if args.dither < 0 or args.hessian_n < 0 or args.skip < 0:
+        ap.error("--dither, --hessian-n and --skip must be >= 0")
 
     import torch
 
+    from distortion.experiments.curvature import rectified_layers, rectifier_weight_shift
     from distortion.experiments.data import load_dataset
     from distortion.experiments.measure import predict_logits, quantize_model
     from distortion.experiments.models import get_layer, load_model
@@ -102,20 +118,29 @@ def main(argv: list[str] | None = None) -> int:
     if shared is None or not (shared / "data" / "cifar10" / "test.npz").is_file():
         raise SystemExit("needs <DISTORTION_DATA>/data/cifar10/test.npz (set DISTORTION_DATA)")
     bits_list = [int(b) for b in args.bits.split(",")]
-    data = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.n)
+    from distortion.experiments.pipeline import select_images
+
+    if args.skip:
+        full = load_dataset(shared / "data" / "cifar10" / "test.npz")
+        if args.skip + args.n > len(full):
+            raise SystemExit(f"--skip {args.skip} + --n {args.n} exceeds the {len(full)} test "
+                             "images")  # fmt: skip
+        data = select_images(full, np.arange(args.skip, args.skip + args.n), "held-out")
+    else:
+        data = load_dataset(shared / "data" / "cifar10" / "test.npz", n=args.n)
     model = load_model(args.model)
     timings: dict[str, float] = {}
     out_dir = Path(args.out) if args.out else OUT_DIR
     means = None
     if args.bias_correction:
         from distortion.experiments.bias_correction import input_means
-        from distortion.experiments.pipeline import select_images
 
         full = load_dataset(shared / "data" / "cifar10" / "test.npz")
-        if len(data) + args.bias_correction > len(full):
-            raise SystemExit(f"--n {len(data)} + --bias-correction {args.bias_correction} "
+        end = args.skip + len(data)
+        if end + args.bias_correction > len(full):
+            raise SystemExit(f"--skip + --n {end} + --bias-correction {args.bias_correction} "
                              f"exceeds the {len(full)} test images")  # fmt: skip
-        cal = select_images(full, np.arange(len(data), len(data) + args.bias_correction), "cal")
+        cal = select_images(full, np.arange(end, end + args.bias_correction), "cal")
         means = input_means(model, cal, progress=progress)
 
     t = time.perf_counter()
@@ -126,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["gradient_grams_s"] = time.perf_counter() - t
     timings["gradient_grams_computed_s"] = grams.meta.get("seconds", float("nan"))
     names = list(grams.layer_names)
+    rectified = set(rectified_layers(model)) if args.rectifier else set()
 
     t = time.perf_counter()
     trace = hdata = None
@@ -147,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     # measured decisions of each (bits, layer), saved so that a rerun can skip the forward
     # passes (--reuse-measured): the same model, images and quantizer give the same decisions
     bc = f"-bc{args.bias_correction}" if args.bias_correction else ""
-    pred_file = out_dir / f"measured-{args.model}-n{len(data)}{bc}.npz"
+    sk = f"-skip{args.skip}" if args.skip else ""
+    pred_file = out_dir / f"measured-{args.model}-n{len(data)}{sk}{bc}.npz"
     reused: dict[tuple[int, str], np.ndarray] = {}
     if args.reuse_measured and pred_file.is_file():
         with np.load(pred_file) as z:
             reused = {(int(k.split(":")[0]), k.split(":")[1]): z[k] for k in z.files}
     rows, dither_rows = [], []
     sims: dict[int, list[np.ndarray]] = {b: [] for b in bits_list}
-    t_measure = t_predict = t_dither = 0.0
+    t_measure = t_predict = t_dither = t_rect = 0.0
     for bits in bits_list:
         q = UniformQuantizer(bits)
         dq = UniformQuantizer(bits, rounding="dither")
@@ -173,6 +200,17 @@ def main(argv: list[str] | None = None) -> int:
             ours_emp = multilayer_distortion(grams, var_emp, seed=args.seed, band=False)
             sakr = sakr_bound(grams, variances=var)
             t_predict += time.perf_counter() - t
+            rect = ours  # layers without a rectifier right after them: no shift
+            if name in rectified:
+                t = time.perf_counter()
+                mu = rectifier_weight_shift(
+                    model, data, name, comp[name].error_model.second_moment,
+                    input_mean=None if means is None else means.mean(name), dtype=torch.float32,
+                )  # fmt: skip
+                rect = multilayer_distortion(
+                    grams, var, seed=args.seed, band=args.realizations > 0, shift=mu
+                )
+                t_rect += time.perf_counter() - t
             t = time.perf_counter()
             if (bits, name) in reused:
                 pq = reused[(bits, name)]
@@ -182,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     pq = predict_logits(qmodel, data, progress=False).argmax(axis=1)
             t_measure += time.perf_counter() - t
             reused[(bits, name)] = pq
-            band = ours.flip_band()
-            dflips, verdicts = [], []
+            band, rband = ours.flip_band(), rect.flip_band()
+            dflips, verdicts, rverdicts = [], [], []
             t = time.perf_counter()
             for draw in range(args.dither):  # seeded from the run's seed, layer and draw
                 seed = args.seed + 1_000_003 * (draw + 1) + 1009 * li
@@ -192,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                     dp = predict_logits(dmodel, data, progress=False).argmax(axis=1)
                 dflips.append(float(np.mean(dp != pred_float)))
                 verdicts.append(band.low <= dflips[-1] <= band.high)
+                rverdicts.append(rband.low <= dflips[-1] <= rband.high)
                 dither_rows.append({"bits": bits, "layer": name, "draw": draw,
-                                    "flip": dflips[-1], "in_band": verdicts[-1]})  # fmt: skip
+                                    "flip": dflips[-1], "in_band": verdicts[-1],
+                                    "in_band_rect": rverdicts[-1]})  # fmt: skip
             t_dither += time.perf_counter() - t
             if args.realizations:
                 sims[bits].append(ours.flip_counts / ours.n_samples)
@@ -209,17 +249,22 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_emp_flip": ours_emp.flip_rate,
                     "ours_flip_low": band.low,
                     "ours_flip_high": band.high,
+                    "rect_flip": rect.flip_rate,
+                    "rect_flip_low": rband.low,
+                    "rect_flip_high": rband.high,
                     "sakr_bound": sakr.bound,
                     "hawq_omega": np.nan if hawq is None else float(hawq.omega[li]),
                     "hawq_omega_se": np.nan if hawq is None else float(hawq.omega_stderr[li]),
                     "hawq_gn_omega": float(hawq_gn.omega[li]),
                     "dither_flip_mean": float(np.mean(dflips)) if dflips else np.nan,
                     "dither_in_band": float(np.mean(verdicts)) if verdicts else np.nan,
+                    "dither_in_band_rect": float(np.mean(rverdicts)) if rverdicts else np.nan,
                 }  # fmt: skip
             )
     timings["measure_all_s"] = t_measure
     timings["dither_all_s"] = t_dither
     timings["predict_all_s"] = t_predict
+    timings["rectifier_shift_all_s"] = t_rect
     table = pd.DataFrame(rows)
 
     def spearman(frame: pd.DataFrame, col: str) -> float:
@@ -256,15 +301,27 @@ def main(argv: list[str] | None = None) -> int:
                 part["measured_flip"] <= part["ours_flip_high"]
             )
             ceil[f"{b} bits in band"] = float(in_band.mean())
+            ceil[f"{b} bits in band rect"] = float(
+                ((part.rect_flip_low <= part.measured_flip)
+                 & (part.measured_flip <= part.rect_flip_high)).mean()
+            )  # fmt: skip
         summary["ceiling_p05"] = [ceil.get(k, [np.nan] * 3)[0] for k in summary["set"]]
         summary["ceiling_median"] = [ceil.get(k, [np.nan] * 3)[1] for k in summary["set"]]
         summary["ceiling_p95"] = [ceil.get(k, [np.nan] * 3)[2] for k in summary["set"]]
         summary["measured_in_band"] = [ceil.get(f"{k} in band", np.nan) for k in summary["set"]]
+        if args.rectifier:
+            summary["measured_in_band_rect"] = [
+                ceil.get(f"{k} in band rect", np.nan) for k in summary["set"]
+            ]
     if dither_rows:  # the band against H_U realizations through the real network
         dith = pd.DataFrame(dither_rows)
         share = {f"{b} bits": float(dith[dith.bits == b].in_band.mean()) for b in bits_list}
         share["pooled"] = float(dith.in_band.mean())
         summary["dither_in_band"] = [share.get(k, np.nan) for k in summary["set"]]
+        if args.rectifier:
+            rs = {f"{b} bits": float(dith[dith.bits == b].in_band_rect.mean()) for b in bits_list}
+            rs["pooled"] = float(dith.in_band_rect.mean())
+            summary["dither_in_band_rect"] = [rs.get(k, np.nan) for k in summary["set"]]
         summary["dither_replications"] = [
             int((dith.bits == int(k.split()[0])).sum()) if k != "pooled" else len(dith)
             for k in summary["set"]
@@ -276,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         pd.DataFrame(dither_rows).to_csv(out_dir / "dither.csv", index=False)
     summary.to_csv(out_dir / "spearman.csv", index=False)
     info = {
-        "model": args.model, "n_images": len(data),
+        "model": args.model, "n_images": len(data), "skip": args.skip,
         "hessian_images": 0 if hdata is None else len(hdata),
         "hessian_draws": args.hessian_draws, "float_accuracy": float(np.mean(pred_float == labels)),
         "bias_correction": args.bias_correction,

@@ -7,9 +7,13 @@ experiment (``experiments/default.toml``) the script computes
 
 * the measured flip rate of the really quantized network (level 4);
 * level 3L, the first-order model (``theory/multilayer.md`` eq. L4-L7) with its band;
-* level 3L + the second-order mean shift of eq. L21, ``1/2 sum sigma^2 tr H`` per image and
+* level 3L + a mean shift of the logits, added as a logit shift: with ``--shift hessian``
+  (default) the second-order mean shift of eq. L21, ``1/2 sum sigma^2 tr H`` per image and
   logit (:func:`distortion.experiments.curvature.second_order_weight_shift`, ``--probes``
-  Hutchinson probes, forward-over-forward passes), added as a logit shift;
+  Hutchinson probes, forward-over-forward passes); with ``--shift rectifiers`` the mean
+  shift of every rectifier under the first-order noise of all layers, eq. L29
+  (:func:`distortion.experiments.curvature.weight_noise_rectifier_shift`, ``--probes``
+  forward-mode probes of the unit variances, float32);
 
 and prints, per cell, the three flip rates, the rms shift against its standard error, the
 share of the first-order miss the shift explains ((3L+shift - 3L) / (measured - 3L)) and the
@@ -18,6 +22,7 @@ time of the shift. Writes ``second_order.csv`` to ``--out``.
 Usage::
 
     OMP_NUM_THREADS=2 python experiments/second_order_study.py --models resnet20 --n 200
+    OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift rectifiers --probes 16
 """
 
 from __future__ import annotations
@@ -47,12 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=200, help="evaluation images (default 200)")
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--granularity", nargs="+", default=["tensor", "channel"])
-    ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes (default 8)")
+    ap.add_argument("--shift", choices=["hessian", "rectifiers"], default="hessian",
+                    help="which mean shift (eq. L21 or eq. L29)")  # fmt: skip
+    ap.add_argument("--probes", type=int, default=8, help="probes of the shift (default 8)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.probes < 2:
+        ap.error("--probes must be >= 2")
 
-    from distortion.experiments.curvature import second_order_weight_shift
+    import torch
+
+    from distortion.experiments.curvature import (
+        second_order_weight_shift,
+        weight_noise_rectifier_shift,
+    )
     from distortion.experiments.measure import measure
     from distortion.experiments.models import get_layer, load_model
     from distortion.experiments.sensitivity import gradient_grams
@@ -73,8 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                 m2 = {k: np.asarray(q.compress(weights[k]).second_moment) for k in names}
                 var = [m2[k] for k in names]
                 t0 = time.perf_counter()
-                shift, se = second_order_weight_shift(model, images, m2, n_probes=args.probes,
-                                                      seed=seed)  # fmt: skip
+                if args.shift == "hessian":
+                    shift, se = second_order_weight_shift(
+                        model, images, m2, n_probes=args.probes, seed=seed
+                    )
+                else:
+                    shift = weight_noise_rectifier_shift(
+                        model, images, m2, n_probes=args.probes, seed=seed, dtype=torch.float32
+                    )
+                    se = np.full(shift.shape, np.nan)  # no probe-to-probe error: not a mean
                 t_shift = time.perf_counter() - t0
                 base = multilayer_distortion(grams, var, seed=seed, band=True)
                 moved = multilayer_distortion(grams, var, seed=seed, band=True, shift=shift)
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     "shift_se_rms": float(np.sqrt(np.mean(se**2))),
                     "share_of_miss": (moved.flip_rate - base.flip_rate) / miss if miss else
                     float("nan"),
-                    "probes": args.probes, "shift_s": t_shift,
+                    "shift": args.shift, "probes": args.probes, "shift_s": t_shift,
                 })  # fmt: skip
                 r = rows[-1]
                 print(f"{name} {gran} {bits} bits: measured {r['measured']:.3f}  3L "

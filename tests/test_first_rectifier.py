@@ -99,6 +99,14 @@ def test_three_levels_against_references():
     assert set(f) == {"linear", "rectifier", "real"} and all(v.shape == (2,) for v in f.values())
     for key, z in zb.items():
         assert f[key][0] == np.mean((z.argmax(1) != z0.argmax(1)).numpy())
+    # a logit shift moves the first order only: "shifted" = linear + shift
+    shift = np.zeros(tuple(z0.shape))
+    shift[:, 0] = 5.0 * float((zb["linear"] - z0).abs().max())  # class 0 wins everywhere
+    fs = mod.first_rectifier_flips(net, x, layer, [big], shift=shift)
+    assert fs["linear"][0] == f["linear"][0] and fs["real"][0] == f["real"][0]
+    assert fs["shifted"][0] == np.mean((z0.argmax(1) != 0).numpy())
+    with pytest.raises(ValueError, match="shift of shape"):
+        mod.first_rectifier_flips(net, x, layer, [big], shift=shift[:, :3])
 
 
 def test_bad_input():

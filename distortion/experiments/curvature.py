@@ -45,7 +45,14 @@ from torch.overrides import TorchFunctionMode
 
 from distortion.activations import ActivationQParams
 
-__all__ = ["relu_bias", "relu_curvature_shift", "second_order_weight_shift"]
+__all__ = [
+    "rectified_layers",
+    "rectifier_weight_shift",
+    "relu_bias",
+    "relu_curvature_shift",
+    "second_order_weight_shift",
+    "weight_noise_rectifier_shift",
+]
 
 _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
@@ -149,36 +156,146 @@ def relu_curvature_shift(
         with torch.no_grad():
             for x, _ in _batches(data, batch_size):
                 x = x.to(torch.float64)
-                s2: dict[int, torch.Tensor] = {}
-                u0: dict[int, torch.Tensor] = {}
 
-                def probe(i, xin, y, u0=u0, s2=s2):
-                    p, tan = fwad.unpack_dual(xin)
-                    u0[i] = p
-                    if tan is not None:
-                        s2[i] = s2.get(i, 0.0) + tan * tan / n_probes
-                    return y
+                def forward(noisy: bool, x=x) -> torch.Tensor:
+                    state["inject"] = noisy
+                    try:
+                        return net(fwad.make_dual(x, torch.zeros_like(x)))
+                    finally:
+                        state["inject"] = False
 
-                state["inject"] = True
-                for _ in range(n_probes):  # (eq. A16: s_j^2 by forward-mode probes)
-                    with fwad.dual_level(), _ReluMode(probe):
-                        net(fwad.make_dual(x, torch.zeros_like(x)))
-                state["inject"] = False
-                bias = {i: relu_bias(u0[i], s2[i]) for i in s2}
-
-                def inject(i, xin, y, bias=bias):
-                    p, tan = fwad.unpack_dual(y)
-                    b = bias.get(i)
-                    if b is None:
-                        return y
-                    return fwad.make_dual(p, b if tan is None else tan + b)
-
-                with fwad.dual_level(), _ReluMode(inject):  # (eq. A17: one pass)
-                    z = net(fwad.make_dual(x, torch.zeros_like(x)))
-                    out.append(fwad.unpack_dual(z).tangent.detach().numpy().copy())
+                out.append(_kink_shift(forward, n_probes))
     finally:
         for h in handles:
             h.remove()
+    return np.concatenate(out).astype(np.float64)
+
+
+def _kink_shift(forward: Any, n_probes: int) -> np.ndarray:
+    """Eq. A16-A17 for one batch. ``forward(noisy)`` runs the network once inside a
+    forward-mode dual level, with a fresh draw of the noise as tangents when ``noisy``."""
+    s2: dict[int, torch.Tensor] = {}
+    u0: dict[int, torch.Tensor] = {}
+
+    def probe(i, xin, y):
+        p, tan = fwad.unpack_dual(xin)
+        u0[i] = p
+        if tan is not None:
+            s2[i] = s2.get(i, 0.0) + tan * tan / n_probes
+        return y
+
+    for _ in range(n_probes):  # (eq. A16: s_j^2 by forward-mode probes)
+        with fwad.dual_level(), _ReluMode(probe):
+            forward(True)
+    bias = {i: relu_bias(u0[i], s2[i]) for i in s2}
+
+    def inject(i, xin, y):
+        p, tan = fwad.unpack_dual(y)
+        b = bias.get(i)
+        if b is None:
+            return y
+        return fwad.make_dual(p, b if tan is None else tan + b)
+
+    with fwad.dual_level(), _ReluMode(inject):  # (eq. A17: one pass)
+        z = forward(False)
+        tan = fwad.unpack_dual(z).tangent
+        return np.zeros(tuple(z.shape)) if tan is None else tan.detach().numpy().copy()
+
+
+def _weight_scales(net: torch.nn.Module, second_moments: Mapping[str, Any]):
+    """The weights of the layers of ``second_moments`` and their error sd, shaped to broadcast
+    (one per tensor or per output channel), checked."""
+    from distortion.experiments.models import get_layer
+
+    if not second_moments:
+        raise ValueError("second_moments is empty: give the error model of at least one layer")
+    params, scales = {}, {}
+    for name, m2 in second_moments.items():
+        try:
+            w = get_layer(net, name).weight.detach()
+        except (AttributeError, KeyError, ValueError) as exc:
+            raise ValueError(f"no layer {name!r} with a weight in the model") from exc
+        v = np.asarray(m2, dtype=np.float64)
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or v.ndim > 1 or \
+                (v.ndim == 1 and v.size != w.shape[0]):  # fmt: skip
+            raise ValueError(
+                f"second moment of {name!r} must be finite, >= 0, a scalar or one "
+                f"per output channel ({w.shape[0]}), got shape {v.shape}"
+            )
+        sd = torch.as_tensor(np.sqrt(v), dtype=w.dtype)
+        params[f"{name}.weight"] = w
+        scales[f"{name}.weight"] = sd.reshape((-1,) + (1,) * (w.ndim - 1)) if v.ndim else sd
+    return params, scales
+
+
+def weight_noise_rectifier_shift(
+    model: torch.nn.Module,
+    data: Any,
+    second_moments: Mapping[str, Any],
+    *,
+    n_probes: int = 16,
+    seed: int = 0,
+    batch_size: int = 250,
+    dtype: torch.dtype = torch.float64,
+) -> np.ndarray:
+    r"""The logits' mean shift from every rectifier at once under weight errors (eq. L29).
+
+    Eq. A16-A17 with the weights' noise: ``n_probes`` forward-mode passes push a seeded draw
+    of H_U (independent uniform errors of the given second moments in every listed layer)
+    through the linearized network; the mean square of the tangent at each ReLU input
+    estimates that unit's first-order noise variance :math:`s_j^2(x)`, and one more pass
+    injects :math:`b(u_j, s_j)` at every ReLU output. All layers perturbed together, so the
+    noise a rectifier sees is that of every layer upstream of it (where
+    :func:`rectifier_weight_shift` has one layer, one rectifier and the exact variance).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The float network (evaluated in eval mode on a copy; not modified).
+    data : ImageDataset, (x, y), DataLoader or Dataset
+    second_moments : dict of layer name to float or array of shape (C,)
+        :math:`\sigma^2` per tensor or per output channel of each perturbed layer.
+    n_probes : int, default 16
+    seed : int
+        Seeds the draws (one generator for the whole call).
+    batch_size : int
+    dtype : torch.float64 or torch.float32
+
+    Returns
+    -------
+    ndarray of shape (N, K), float64
+    """
+    import copy
+
+    from torch.func import functional_call
+
+    from distortion.experiments._torch_state import evaluated_on
+    from distortion.experiments.sensitivity import _batches
+
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
+        raise ValueError(f"n_probes must be an integer >= 2, got {n_probes!r}")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
+    with evaluated_on(model, "cpu"):
+        net = copy.deepcopy(model).to(dtype).eval()
+    params, scales = _weight_scales(net, second_moments)
+    gen = torch.Generator().manual_seed(int(seed))
+    root3 = float(np.sqrt(3.0))
+    out = []
+    with torch.no_grad():
+        for x, _ in _batches(data, batch_size):
+            x = x.to(dtype)
+
+            def forward(noisy: bool, x=x) -> torch.Tensor:
+                if not noisy:
+                    return net(x)
+                dual = {}
+                for k, w in params.items():  # uniform, unit variance, times sigma (H_U)
+                    r = 2 * torch.rand(w.shape, generator=gen, dtype=dtype) - 1
+                    dual[k] = fwad.make_dual(w, scales[k] * root3 * r)
+                return functional_call(net, dual, (x,))
+
+            out.append(_kink_shift(forward, n_probes))
     return np.concatenate(out).astype(np.float64)
 
 
@@ -226,29 +343,13 @@ def second_order_weight_shift(
     from torch.func import functional_call, jvp
 
     from distortion.experiments._torch_state import evaluated_on
-    from distortion.experiments.models import get_layer
     from distortion.experiments.sensitivity import _batches
 
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
         raise ValueError(f"n_probes must be an integer >= 2, got {n_probes!r}")
-    if not second_moments:
-        raise ValueError("second_moments is empty: give the error model of at least one layer")
     with evaluated_on(model, "cpu"):
         net = copy.deepcopy(model).to(torch.float64).eval()
-    params, scales = {}, {}
-    for name, m2 in second_moments.items():
-        try:
-            w = get_layer(net, name).weight.detach()
-        except (AttributeError, KeyError, ValueError) as exc:
-            raise ValueError(f"no layer {name!r} with a weight in the model") from exc
-        v = np.asarray(m2, dtype=np.float64)
-        if not np.all(np.isfinite(v)) or np.any(v < 0) or v.ndim > 1 or \
-                (v.ndim == 1 and v.size != w.shape[0]):  # fmt: skip
-            raise ValueError(f"second moment of {name!r} must be finite, >= 0, a scalar or one "
-                             f"per output channel ({w.shape[0]}), got shape {v.shape}")
-        sd = torch.as_tensor(np.sqrt(v), dtype=torch.float64)
-        params[f"{name}.weight"] = w
-        scales[f"{name}.weight"] = sd.reshape((-1,) + (1,) * (w.ndim - 1)) if v.ndim else sd
+    params, scales = _weight_scales(net, second_moments)
     gen = torch.Generator().manual_seed(int(seed))
 
     def f(p, x):
@@ -275,3 +376,186 @@ def second_order_weight_shift(
             shifts.append(d.mean(0))
             errs.append(d.std(0, ddof=1) / np.sqrt(n_probes))
     return np.concatenate(shifts), np.concatenate(errs)
+
+
+def _rectifier_after(net: torch.nn.Module, layer: str) -> tuple[Any, Any]:
+    """The convolution ``layer`` and the batch norm that feeds its output to a rectifier.
+
+    The rule is the residual blocks' naming: ``<block>.conv<k>`` is followed by
+    ``<block>.bn<k>`` (CIFAR and torchvision ResNets, their first, second and bottleneck
+    convolutions, and the stem ``conv1``/``bn1``); the first ReLU called after that batch norm
+    is the rectifier (checked at run time: its input must have the batch norm's shape).
+    """
+    from distortion.experiments.models import get_layer
+
+    prefix, _, leaf = layer.rpartition(".")
+    k = leaf[4:] if leaf.startswith("conv") else ""
+    try:
+        conv = get_layer(net, layer)
+    except (AttributeError, KeyError, ValueError) as exc:
+        raise ValueError(f"no layer {layer!r} in the model") from exc
+    if not isinstance(conv, torch.nn.Conv2d) or not k.isdigit():
+        raise ValueError(
+            f"{layer!r} is not a convolution named <block>.conv<k>: the rectifier shift needs a "
+            "Conv2d whose output goes through <block>.bn<k> into a ReLU"
+        )
+    try:
+        bn = get_layer(net, f"{prefix}.bn{k}" if prefix else f"bn{k}")
+    except (AttributeError, KeyError, ValueError):
+        bn = None
+    if not isinstance(bn, torch.nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+        raise ValueError(
+            f"{layer!r} is not followed by a batch norm {prefix + '.' if prefix else ''}bn{k} "
+            f"of {conv.out_channels} channels: the rectifier shift (theory/multilayer.md eq. "
+            "L27) needs conv -> batch norm -> (residual sum) -> ReLU"
+        )
+    return conv, bn
+
+
+def rectified_layers(model: torch.nn.Module) -> list[str]:
+    """The convolutions of ``model`` that :func:`rectifier_weight_shift` accepts by structure
+    (``<block>.conv<k>`` followed by ``<block>.bn<k>``), in module order."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            try:
+                _rectifier_after(model, name)
+            except ValueError:
+                continue
+            names.append(name)
+    return names
+
+
+def rectifier_weight_shift(
+    model: torch.nn.Module,
+    data: Any,
+    layer: str,
+    second_moment: Any,
+    *,
+    input_mean: Any = None,
+    batch_size: int = 250,
+    dtype: torch.dtype = torch.float64,
+) -> np.ndarray:
+    r"""The logits' mean shift from the rectifier after one layer under weight errors (eq. L28).
+
+    A zero-mean error :math:`E` of the convolution ``layer`` (independent entries of second
+    moment :math:`\sigma_c^2` in output channel c, H_U) moves the pre-activation of the ReLU
+    that follows its batch norm by :math:`d = \gamma_c E_c u_p` at unit (c, p), with
+    :math:`\gamma_c` the batch norm's scale and :math:`u_p` the input patch: close to
+    Gaussian, of variance :math:`v = \gamma_c^2\sigma_c^2\|u_p\|^2` (eq. L27; with bias
+    correction the patch is centred, :math:`\|u_p - \bar u\|^2`). The first order passes it
+    as :math:`1[a > 0]\,d`; the rectifier's output moves on average by
+    :math:`b(a, \sqrt v) \ge 0` more (eq. A16), and the logits by :math:`J\,b`, with J the
+    Jacobian of the logits in the rectifier's output at the float point: one forward-mode
+    pass with tangent b. Exact per unit (no probes): the variance is known in closed form.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The float network (evaluated in eval mode on a float64 copy; not modified).
+    data : ImageDataset, (x, y), DataLoader or Dataset
+        The samples (those of the Grams the shift is added to).
+    layer : str
+        A convolution ``<block>.conv<k>`` followed by ``<block>.bn<k>`` and a ReLU (with or
+        without a residual sum before it).
+    second_moment : float or array of shape (C,)
+        :math:`\sigma^2` of the layer's error per tensor or per output channel (the error
+        model, ``compressor.compress(w).error_model.second_moment``).
+    input_mean : array of shape (groups, in_per_group), optional
+        The layer's mean input patch when the compressed layer is bias-corrected
+        (``InputMeans.mean(layer)``, eq. L22).
+    batch_size : int
+    dtype : torch.float64 or torch.float32
+        Of the pass (float64, the default, is the reference; float32 is about seven times
+        faster on a CPU and agrees to about 1e-5 relative, ``tests/test_curvature.py``).
+
+    Returns
+    -------
+    ndarray of shape (N, K), float64
+        The shift, to add to the logits of the first-order prediction
+        (``multilayer_distortion(..., shift=)``).
+    """
+    import copy
+
+    from distortion.experiments._torch_state import evaluated_on
+    from distortion.experiments.sensitivity import _batches
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
+    with evaluated_on(model, "cpu"):
+        net = copy.deepcopy(model).to(dtype).eval()
+    conv, bn = _rectifier_after(net, layer)
+    m2 = np.asarray(second_moment, dtype=np.float64)
+    if not np.all(np.isfinite(m2)) or np.any(m2 < 0) or m2.ndim > 1 or \
+            (m2.ndim == 1 and m2.size != conv.out_channels):  # fmt: skip
+        raise ValueError(f"second_moment of {layer!r} must be finite, >= 0, a scalar or one per "
+                         f"output channel ({conv.out_channels}), got shape {m2.shape}")  # fmt: skip
+    g = conv.groups
+    ones = torch.ones_like(conv.weight)
+    mean_kernel = None
+    if input_mean is not None:
+        mu = np.asarray(input_mean, dtype=np.float64)
+        shape = (g, conv.in_channels // g, *conv.kernel_size)
+        if mu.shape != (g, int(np.prod(shape[1:]))) or not np.all(np.isfinite(mu)):
+            raise ValueError(f"input_mean of {layer!r} must be a finite array of shape "
+                             f"{(g, int(np.prod(shape[1:])))}, got {mu.shape}")  # fmt: skip
+        mean_kernel = torch.as_tensor(mu.reshape(shape), dtype=dtype)
+    with torch.no_grad():
+        gamma = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        coef = (gamma**2 * torch.as_tensor(m2, dtype=dtype)).reshape(1, -1, 1, 1)
+
+    def conv_like(x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+        return F.conv2d(x, w, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                        groups=groups)  # fmt: skip
+
+    state: dict[str, Any] = {}
+
+    def on_conv(m, inp, out):
+        state["u"] = fwad.unpack_dual(inp[0]).primal
+
+    def on_bn(m, inp, out):
+        state["armed"], state["shape"] = True, out.shape
+
+    def inject(i, xin, y):
+        if not state.get("armed"):
+            return y
+        state["armed"] = False
+        a = fwad.unpack_dual(xin).primal
+        if a.shape != state["shape"]:
+            raise ValueError(
+                f"the first ReLU after the batch norm of {layer!r} has an input of shape "
+                f"{tuple(a.shape)}, not the batch norm's {tuple(state['shape'])}: no rectifier "
+                "follows the layer directly"
+            )
+        u = state["u"]
+        energy = conv_like(u * u, ones, g)  # ||u_p||^2 per output channel's group (eq. L27)
+        if mean_kernel is not None:  # ||u_p - u_bar||^2 = ||u_p||^2 - 2 u_bar.u_p + ||u_bar||^2
+            cross = conv_like(u, mean_kernel, g)
+            sq = (mean_kernel**2).sum(dim=(1, 2, 3)).reshape(1, g, 1, 1)
+            energy = energy - 2 * cross.repeat_interleave(conv.out_channels // g, dim=1)
+            energy = torch.clamp(energy + sq.repeat_interleave(conv.out_channels // g, dim=1), 0)
+        state["hit"] = True
+        return fwad.make_dual(fwad.unpack_dual(y).primal, relu_bias(a, coef * energy))
+
+    handles = [conv.register_forward_hook(on_conv), bn.register_forward_hook(on_bn)]
+    out = []
+    try:
+        with torch.no_grad():
+            for x, _ in _batches(data, batch_size):
+                state.clear()
+                with fwad.dual_level(), _ReluMode(inject):
+                    z = net(x.to(dtype))
+                    tangent = fwad.unpack_dual(z).tangent
+                if not state.get("hit"):
+                    raise ValueError(
+                        f"no ReLU is called after the batch norm of {layer!r}: the rectifier "
+                        "shift does not apply to this layer"
+                    )
+                out.append(np.zeros(tuple(z.shape)) if tangent is None
+                           else tangent.detach().numpy().copy())  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    return np.concatenate(out).astype(np.float64)
