@@ -360,7 +360,7 @@ def test_weight_noise_rectifier_shift_matches_its_exact_variances():
         h1, h2 = pre(ws, xi)
         b1, b2 = relu_bias(h1, s2[0]), relu_bias(h2, s2[1])
 
-        def rest(t1, t2, xi=xi):  # the network with the ReLU outputs moved by t1 b1, t2 b2
+        def rest(t1, t2, xi=xi, b1=b1, b2=b2):  # ReLU outputs moved by t1 b1, t2 b2
             a1 = torch.relu(net.fc1(xi)) + t1 * b1
             return net.fc3(torch.relu(net.fc2(a1)) + t2 * b2)
 
