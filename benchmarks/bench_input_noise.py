@@ -10,7 +10,12 @@ For one network (default ResNet-56, every layer) and N CIFAR-10 test images, in 
   the inflation of eq. L25, band included), median of ``--repeats`` runs, at 3 bits per
   tensor.
 
-Prints the times, the ratio of the two one-time costs, and the load (``uptime``) before and
+With ``--rectifier``, also the mean shift of the rectifier after each layer that has one
+(eq. L27-L28, ``rectifier_weight_shift``, float32, one pass per layer at ``--bits``) and the
+one-layer prediction with it from the cache (median over the layers). ``--noise-n 0`` skips
+the ratios.
+
+Prints the times, the ratio of the one-time costs to the Grams, and the load (``uptime``) before and
 after. ``--bias-correction M`` does the same for the bias-corrected network (M calibration
 images after the first N).
 
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--bias-correction", type=int, default=0, metavar="M")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rectifier", action="store_true")
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.experiments import _paths
     from distortion.experiments.bias_correction import input_means
     from distortion.experiments.compare import _first_images
+    from distortion.experiments.curvature import rectified_layers, rectifier_weight_shift
     from distortion.experiments.data import load_dataset
     from distortion.experiments.input_noise import input_noise
     from distortion.experiments.models import get_layer, load_model
@@ -69,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                            input_means=means)  # fmt: skip
     t_grams = time.perf_counter() - t
     t = time.perf_counter()
-    noise = input_noise(model, _first_images(data, a.noise_n), layers=list(grams.layer_names),
-                        bias_correction=means, cache=False, progress=False)  # fmt: skip
+    noise = None
+    if a.noise_n:
+        noise = input_noise(model, _first_images(data, a.noise_n),
+                            layers=list(grams.layer_names), bias_correction=means, cache=False,
+                            progress=False)  # fmt: skip
     t_noise = time.perf_counter() - t
     q = UniformQuantizer(a.bits)
     m2 = [
@@ -87,16 +97,38 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(ts), r
 
     t3l, r3l = timed(lambda: multilayer_distortion(grams, m2, band=True))
-    t3c, r3c = timed(lambda: multilayer_distortion(grams, noise.inflate(m2), band=True))
     n_layers = len(grams.layer_names)
+    shifts, t_rect = {}, 0.0
+    if a.rectifier:
+        t = time.perf_counter()
+        for name in rectified_layers(model):
+            i = list(grams.layer_names).index(name)
+            shifts[i] = rectifier_weight_shift(
+                model, data, name, m2[i], dtype=torch.float32,
+                input_mean=None if means is None else means.mean(name),
+            )  # fmt: skip
+        t_rect = time.perf_counter() - t
     print(f"{a.model}: {n_layers} layers, {a.n} images (ratios on {a.noise_n}), "
           f"bias correction {a.bias_correction or 'off'}")  # fmt: skip
     print(f"Grams (1 forward + K backward per batch): {t_grams:.1f} s")
-    print(f"input-noise ratios ({max(n_layers - 1, 1)} layers x {noise.n_draws} draws): "
-          f"{t_noise:.1f} s  = {t_noise / t_grams:.2f} x the Grams")  # fmt: skip
-    print(f"prediction from the cache, {a.bits} bits per tensor, median of {a.repeats}: "
-          f"3L {1e3 * t3l:.1f} ms (flip {r3l.flip_rate:.4f}), "
-          f"3I {1e3 * t3c:.1f} ms (flip {r3c.flip_rate:.4f})")  # fmt: skip
+    if noise is not None:
+        t3c, r3c = timed(lambda: multilayer_distortion(grams, noise.inflate(m2), band=True))
+        print(f"input-noise ratios ({max(n_layers - 1, 1)} layers x {noise.n_draws} draws): "
+              f"{t_noise:.1f} s  = {t_noise / t_grams:.2f} x the Grams")  # fmt: skip
+        print(f"prediction from the cache, {a.bits} bits per tensor, median of {a.repeats}: "
+              f"3L {1e3 * t3l:.1f} ms (flip {r3l.flip_rate:.4f}), "
+              f"3I {1e3 * t3c:.1f} ms (flip {r3c.flip_rate:.4f})")  # fmt: skip
+    if shifts:
+        one = []
+        for i, mu in shifts.items():  # one layer at a time, with its shift (eq. L28)
+            v = [0.0] * n_layers
+            v[i] = m2[i]
+            one.append(timed(lambda v=v, mu=mu: multilayer_distortion(grams, v, band=True,
+                                                                      shift=mu))[0])  # fmt: skip
+        print(f"rectifier shifts ({len(shifts)} layers, {a.bits} bits, float32): {t_rect:.1f} s "
+              f"= {t_rect / t_grams:.2f} x the Grams, {t_rect / len(shifts):.2f} s per layer; "
+              f"one-layer prediction with its shift from the cache: median "
+              f"{1e3 * statistics.median(one):.1f} ms")  # fmt: skip
     print("load after:", _uptime())
     return 0
 

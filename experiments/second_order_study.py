@@ -15,7 +15,13 @@ experiment (``experiments/default.toml``) the script computes
   (:func:`distortion.experiments.curvature.weight_noise_rectifier_shift`, ``--probes``
   forward-mode probes of the unit variances, float32);
 
-and prints, per cell, the three flip rates, the rms shift against its standard error, the
+With ``--mean-check R`` the mean itself is checked: R subtractive-dither quantizations of every
+layer (H_U exact) run through the real network, and the slope ``beta`` of their mean logit move
+on the shift (both centred over the classes of each image, which a common move leaves alone)
+is printed with its jackknife standard error over the realizations: 1 when the shift is the
+real network's mean move.
+
+It prints, per cell, the three flip rates, the rms shift against its standard error, the
 share of the first-order miss the shift explains ((3L+shift - 3L) / (measured - 3L)) and the
 time of the shift. Writes ``second_order.csv`` to ``--out``.
 
@@ -46,6 +52,24 @@ from compression_study import evaluation_images  # noqa: E402
 OUT_DIR = ROOT / "experiments" / "results" / "second_order"
 
 
+def mean_slope(moves: np.ndarray, shift: np.ndarray) -> tuple[float, float]:
+    """Slope of the mean of ``moves`` (R, N, K) on ``shift`` (N, K), both centred over the
+    classes, and its jackknife standard error over the R realizations."""
+
+    def centred(a):
+        return a - a.mean(axis=-1, keepdims=True)
+
+    s = centred(shift)
+    den = float(np.sum(s * s))
+    if den == 0:
+        return float("nan"), float("nan")
+    m = centred(moves)
+    r = len(m)
+    beta = float(np.sum(m.mean(0) * s) / den)
+    loo = np.array([np.sum(np.delete(m, i, 0).mean(0) * s) / den for i in range(r)])
+    return beta, float(np.sqrt((r - 1) / r * np.sum((loo - loo.mean()) ** 2)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
@@ -55,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift", choices=["hessian", "rectifiers"], default="hessian",
                     help="which mean shift (eq. L21 or eq. L29)")  # fmt: skip
     ap.add_argument("--probes", type=int, default=8, help="probes of the shift (default 8)")
+    ap.add_argument("--mean-check", type=int, default=0, metavar="R",
+                    help="check the shift against R dithered networks' mean move")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.probes < 2:
-        ap.error("--probes must be >= 2")
+    if args.probes < 2 or args.mean_check < 0 or args.mean_check == 1:
+        ap.error("--probes must be >= 2 and --mean-check 0 or >= 2")
 
     import torch
 
@@ -67,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         second_order_weight_shift,
         weight_noise_rectifier_shift,
     )
-    from distortion.experiments.measure import measure
+    from distortion.experiments.measure import measure, predict_logits, quantize_model
     from distortion.experiments.models import get_layer, load_model
     from distortion.experiments.sensitivity import gradient_grams
     from distortion.quantize import UniformQuantizer
@@ -103,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
                 lo, hi = base.flip_band()
                 mlo, mhi = moved.flip_band()
                 miss = meas.flip_rate - base.flip_rate
+                beta = beta_se = float("nan")
+                if args.mean_check:
+                    z0 = predict_logits(model, images, progress=False)
+                    dq = UniformQuantizer(bits, granularity=gran, rounding="dither")
+                    moves = []
+                    for r in range(args.mean_check):
+                        qm, _ = quantize_model(model, dq, names, seed=seed + 7919 * (r + 1))
+                        moves.append(predict_logits(qm, images, progress=False) - z0)
+                    beta, beta_se = mean_slope(np.stack(moves), shift)
                 rows.append({
                     "model": name, "granularity": gran, "bits": bits, "n": len(images),
                     "measured": meas.flip_rate, "L3L": base.flip_rate, "L3L_low": lo,
@@ -113,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                     "share_of_miss": (moved.flip_rate - base.flip_rate) / miss if miss else
                     float("nan"),
                     "shift": args.shift, "probes": args.probes, "shift_s": t_shift,
+                    "beta": beta, "beta_se": beta_se, "mean_check": args.mean_check,
                 })  # fmt: skip
                 r = rows[-1]
                 print(f"{name} {gran} {bits} bits: measured {r['measured']:.3f}  3L "
                       f"{r['L3L']:.3f} [{lo:.3f}, {hi:.3f}]  3L+shift {r['L3L_shift']:.3f} "
                       f"[{mlo:.3f}, {mhi:.3f}]  rms shift {r['shift_rms']:.3g} (se "
                       f"{r['shift_se_rms']:.3g})  share of miss {r['share_of_miss']:.2f}  "
+                      f"beta {beta:.3f} ({beta_se:.3f})  "
                       f"{t_shift:.0f} s", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
