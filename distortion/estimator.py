@@ -1070,6 +1070,7 @@ class AccuracyLossEstimator:
         quantizer: UniformQuantizer | None = None,
         band: bool = True,
         activations: Any = None,
+        logit_shift: Any = None,
     ) -> MultilayerDistortion:
         """Closed-form prediction for one bit allocation (layers absent stay in float).
 
@@ -1084,6 +1085,10 @@ class AccuracyLossEstimator:
             Quantized activations too (W+A): their covariance and clipping shift
             (:func:`distortion.experiments.activation_grams.activation_grams` on the same
             samples), added at first order (``theory/activations.md`` eq. A12-A13).
+        logit_shift : ndarray of shape (N, K), optional
+            A mean move of the logits added to the prediction, e.g. the moment-propagated
+            mean of this allocation from :meth:`smoothed_shift` (level 3S, the 2-3 bit
+            term of ``theory/multilayer.md`` eq. L31).
 
         Returns
         -------
@@ -1093,6 +1098,14 @@ class AccuracyLossEstimator:
         q = self._quantizer(quantizer)
         bits = self._allocation_bits(allocation)
         cov, shift = self._activation_terms(activations)
+        if logit_shift is not None:
+            extra = np.asarray(logit_shift, dtype=np.float64)
+            if extra.shape != self.grams_.logits.shape or not np.all(np.isfinite(extra)):
+                raise ValueError(
+                    f"logit_shift must be a finite array of shape {self.grams_.logits.shape} "
+                    f"(the fitted samples x classes), got shape {extra.shape}"
+                )
+            shift = extra if shift is None else shift + extra
         return multilayer_distortion(
             self.grams_,
             self._variances(bits, q),
@@ -1104,6 +1117,68 @@ class AccuracyLossEstimator:
             shift=shift,
             activation_covariance=cov,
         )
+
+    def smoothed_shift(
+        self,
+        model: Any,
+        dataset: Any,
+        allocation: Mapping[str, int] | BitAllocation,
+        *,
+        quantizer: UniformQuantizer | None = None,
+        n_probes: int = 16,
+    ) -> np.ndarray:
+        r"""The moment-propagated mean move of the logits for one bit allocation (eq. L31).
+
+        The network whose ReLUs are each smoothed by the noise this allocation's errors put
+        at their input, minus the float network
+        (:func:`~distortion.experiments.smoothed.smoothed_shift`, cached in ``cache_dir``).
+        Pass it to :meth:`predict_allocation` as ``logit_shift``: level 3S, the term that
+        carries the all-layer prediction at 3 bits (``theory/multilayer.md`` §17). It
+        depends on the bit-widths, so it is computed per allocation: about half the time of
+        the Grams for a ResNet on a CPU, once.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The float network the estimator was fitted on.
+        dataset
+            The samples of :meth:`fit_model`, in the same order.
+        allocation : mapping of layer name to bits, or BitAllocation
+        quantizer : UniformQuantizer, optional
+        n_probes : int
+            Forward-mode probes of the noise scales.
+
+        Returns
+        -------
+        ndarray of shape (N, K)
+        """
+        from distortion.experiments.sensitivity import _data_info
+        from distortion.experiments.smoothed import smoothed_shift
+
+        self._check_fitted(multilayer=True)
+        if self.bias_correction_ is not None:
+            raise ValueError(
+                "smoothed_shift models the uncorrected network; this estimator predicts the "
+                "bias-corrected one (fit_model(..., bias_correction=)): refit without it"
+            )
+        q = self._quantizer(quantizer)
+        bits = self._allocation_bits(allocation)
+        if _data_info(dataset)[2] != self.grams_.meta.get("data"):
+            raise ValueError(
+                "dataset is not the data the estimator was fitted on (another fingerprint): "
+                "pass the samples of fit_model, in the same order"
+            )
+        m2 = {
+            name: self._variance(i, q.with_bits(int(b)))
+            for i, (name, b) in enumerate(zip(self.layers_, bits, strict=True))
+            if b
+        }
+        if not m2:
+            return np.zeros_like(self.grams_.logits)
+        shift, _ = smoothed_shift(
+            model, dataset, m2, n_probes=n_probes, seed=self.seed, cache_dir=self.cache_dir
+        )
+        return shift
 
     def weight_activation_split(
         self,

@@ -13,13 +13,17 @@ experiment (``experiments/default.toml``) the script computes
   Hutchinson probes, forward-over-forward passes); with ``--shift rectifiers`` the mean
   shift of every rectifier under the first-order noise of all layers, eq. L29
   (:func:`distortion.experiments.curvature.weight_noise_rectifier_shift`, ``--probes``
-  forward-mode probes of the unit variances, float32);
+  forward-mode probes of the unit variances, float32); with ``--shift smoothed`` the
+  moment-propagated mean of eq. L31, the network whose ReLUs are smoothed by the noise each
+  one sees (:func:`distortion.experiments.smoothed.smoothed_shift`, ``--probes`` probes,
+  two re-estimates of the noise scales) minus the float network.
 
 With ``--mean-check R`` the mean itself is checked: R subtractive-dither quantizations of every
 layer (H_U exact) run through the real network, and the slope ``beta`` of their mean logit move
 on the shift (both centred over the classes of each image, which a common move leaves alone)
 is printed with its jackknife standard error over the realizations: 1 when the shift is the
-real network's mean move.
+real network's mean move, and the R dithered networks' mean flip rate is level 3N (the
+nonlinear network under H_U exactly).
 
 It prints, per cell, the three flip rates, the rms shift against its standard error, the
 share of the first-order miss the shift explains ((3L+shift - 3L) / (measured - 3L)) and the
@@ -29,6 +33,8 @@ Usage::
 
     OMP_NUM_THREADS=2 python experiments/second_order_study.py --models resnet20 --n 200
     OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift rectifiers --probes 16
+    OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift smoothed --probes 16 \
+        --n 500 --bits 3 4 --mean-check 4
 """
 
 from __future__ import annotations
@@ -76,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=200, help="evaluation images (default 200)")
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--granularity", nargs="+", default=["tensor", "channel"])
-    ap.add_argument("--shift", choices=["hessian", "rectifiers"], default="hessian",
-                    help="which mean shift (eq. L21 or eq. L29)")  # fmt: skip
+    ap.add_argument("--shift", choices=["hessian", "rectifiers", "smoothed"], default="hessian",
+                    help="which mean shift (eq. L21, L29 or L31)")  # fmt: skip
     ap.add_argument("--probes", type=int, default=8, help="probes of the shift (default 8)")
     ap.add_argument("--mean-check", type=int, default=0, metavar="R",
                     help="check the shift against R dithered networks' mean move")  # fmt: skip
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.experiments.measure import measure, predict_logits, quantize_model
     from distortion.experiments.models import get_layer, load_model
     from distortion.experiments.sensitivity import gradient_grams
+    from distortion.experiments.smoothed import smoothed_shift
     from distortion.quantize import UniformQuantizer
     from distortion.theory.multilayer import multilayer_distortion
 
@@ -117,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                     shift, se = second_order_weight_shift(
                         model, images, m2, n_probes=args.probes, seed=seed
                     )
+                elif args.shift == "smoothed":
+                    shift, changes = smoothed_shift(
+                        model, images, m2, n_probes=args.probes, seed=seed
+                    )
+                    se = np.full(shift.shape, np.nan)
                 else:
                     shift = weight_noise_rectifier_shift(
                         model, images, m2, n_probes=args.probes, seed=seed, dtype=torch.float32
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 lo, hi = base.flip_band()
                 mlo, mhi = moved.flip_band()
                 miss = meas.flip_rate - base.flip_rate
-                beta = beta_se = float("nan")
+                beta = beta_se = l3n = float("nan")
                 if args.mean_check:
                     z0 = predict_logits(model, images, progress=False)
                     dq = UniformQuantizer(bits, granularity=gran, rounding="dither")
@@ -138,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         qm, _ = quantize_model(model, dq, names, seed=seed + 7919 * (r + 1))
                         moves.append(predict_logits(qm, images, progress=False) - z0)
                     beta, beta_se = mean_slope(np.stack(moves), shift)
+                    # level 3N: the dithered networks' own flip rate (exact under H_U)
+                    dec = np.argmax(z0, axis=1)
+                    l3n = float(np.mean([np.mean(np.argmax(z0 + m, 1) != dec) for m in moves]))
                 rows.append({
                     "model": name, "granularity": gran, "bits": bits, "n": len(images),
                     "measured": meas.flip_rate, "L3L": base.flip_rate, "L3L_low": lo,
@@ -149,17 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                     float("nan"),
                     "shift": args.shift, "probes": args.probes, "shift_s": t_shift,
                     "beta": beta, "beta_se": beta_se, "mean_check": args.mean_check,
+                    "L3N": l3n,
                 })  # fmt: skip
                 r = rows[-1]
                 print(f"{name} {gran} {bits} bits: measured {r['measured']:.3f}  3L "
                       f"{r['L3L']:.3f} [{lo:.3f}, {hi:.3f}]  3L+shift {r['L3L_shift']:.3f} "
                       f"[{mlo:.3f}, {mhi:.3f}]  rms shift {r['shift_rms']:.3g} (se "
                       f"{r['shift_se_rms']:.3g})  share of miss {r['share_of_miss']:.2f}  "
-                      f"beta {beta:.3f} ({beta_se:.3f})  "
+                      f"beta {beta:.3f} ({beta_se:.3f})  3N {l3n:.3f}  "
                       f"{t_shift:.0f} s", flush=True)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(args.out / "second_order.csv", index=False)
+                # written after every cell: a long run stopped part way keeps what it measured
+                args.out.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(rows).to_csv(args.out / "second_order.csv", index=False)
     print(f"wrote {args.out / 'second_order.csv'}")
     return 0
 

@@ -415,3 +415,30 @@ def test_allocate_compression_codebook_bits_and_rounded_costs(fitted):
         est.allocate_compression(lambda s: MagnitudePruner(s), (), ratio=0.5)
     with pytest.raises(ValueError, match="cost must"):
         est.allocate_compression(lambda s: MagnitudePruner(s), (0.5,), ratio=0.5, cost="bytes")
+
+
+def test_smoothed_shift_moves_the_allocation_prediction(fitted):
+    """Level 3S from the estimator: the shift of eq. L31 for the allocation's error model,
+    added to the same Grams' prediction (theory/multilayer.md §17)."""
+    from distortion.experiments.smoothed import smoothed_shift
+    from distortion.theory.multilayer import multilayer_distortion
+
+    net, x, y, est = fitted
+    alloc = dict.fromkeys(LAYERS[1:], 3)  # the first layer stays float
+    shift = est.smoothed_shift(net, (x, y), alloc, n_probes=4)
+    q = UniformQuantizer(3)
+    m2 = {k: np.asarray(q.compress(net.get_submodule(k).weight.detach()).second_moment)
+          for k in LAYERS[1:]}  # fmt: skip
+    ref, _ = smoothed_shift(net, (x, y), m2, n_probes=4, seed=est.seed, cache=False)
+    np.testing.assert_allclose(shift, ref, rtol=1e-12, atol=1e-12)
+    assert np.abs(shift).max() > 0
+    moved = est.predict_allocation(alloc, logit_shift=shift)
+    var = [0.0] + [m2[k] for k in LAYERS[1:]]
+    direct = multilayer_distortion(est.grams_, var, seed=est.seed, band=True, shift=shift)
+    assert moved.flip_rate == pytest.approx(direct.flip_rate, rel=1e-12)
+    assert moved.flip_rate != est.predict_allocation(alloc).flip_rate
+    np.testing.assert_array_equal(est.smoothed_shift(net, (x, y), {}), 0)  # all float
+    with pytest.raises(ValueError, match="logit_shift must be"):
+        est.predict_allocation(alloc, logit_shift=shift[:-1])
+    with pytest.raises(ValueError, match="not the data the estimator was fitted on"):
+        est.smoothed_shift(net, (x[:-1], y[:-1]), alloc)

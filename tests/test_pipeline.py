@@ -183,6 +183,8 @@ def test_low_bits_config_is_the_default_with_the_section_16_terms():
         ("[activations]\nn = -1", "activations.n must be an integer >= 0"),
         ("[compression]\nfamilies = ['prune']", "compression.families must be one of"),
         ("[compression]\nmax_flip_rate = 0", "compression.max_flip_rate must be a number"),
+        ("[all_layers]\nsmoothed_probes = 1", "all_layers.smoothed_probes must be 0"),
+        ("[all_layers]\nsmoothed_bits = 3", "all_layers.smoothed_bits must be a list"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, match):
@@ -356,7 +358,8 @@ def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_pat
         tmp_path,
         'name = "bc"\nstages = ["all_layers"]\n[data]\nn = 400\n[models]\nnames = ["resnet20"]\n'
         '[quantizer]\ngranularity = ["tensor", "channel"]\n'
-        "[all_layers]\nbits = [3, 6]\nn = 40\nbias_correction = 100\ninput_noise = 20\n",
+        "[all_layers]\nbits = [3, 6]\nn = 40\nbias_correction = 100\ninput_noise = 20\n"
+        "smoothed_probes = 4\nsmoothed_bits = [3]\n",
     )
     printed = capsys.readouterr().out
     assert "bias-corrected" in printed
@@ -373,6 +376,11 @@ def test_bias_corrected_all_layer_cells_beside_the_plain_ones(real_data, tmp_pat
     assert (plain["measured_flip_rate"] != corr["measured_flip_rate"]).any()
     # level 3I beside 3L in both: more noise at 3 bits, the same to print precision at 6
     assert t["L3I_flip_rate"].notna().all()
+    # level 3S only where asked: the plain (uncorrected) cells at 3 bits
+    asked = (t["layers"] == "all") & (t["bits"] == 3)
+    assert t.loc[asked, "L3S_flip_rate"].notna().all()
+    assert t.loc[~asked, "L3S_flip_rate"].isna().all()
+    assert "L3S: L3L moved" in summary and "L3S band" in summary
     three = t[t["bits"] == 3]
     assert (three["L3I_flip_rate"] >= three["L3L_flip_rate"] - 0.02).all()
     assert (out / "figures").is_dir() and any((out / "figures").glob("*.png"))

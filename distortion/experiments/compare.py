@@ -88,7 +88,12 @@ ALL_LAYER_LEVELS = {
     "dither with the real steps, exact H_U), over R seeded realizations",
     "L3I": "level 3L with each layer's second moment inflated by the noise its input carries "
     "from the layers before it (the cross-layer term E_l n_l, theory/multilayer.md eq. L25)",
+    "L3S": "level 3L moved by the moment-propagated mean of the logits: the network whose "
+    "ReLUs are smoothed by the noise each one sees, minus the float network "
+    "(theory/multilayer.md eq. L31)",
 }
+#: Levels run only on request, whose band coverage the summary reports beside the default's.
+OPTIONAL_BAND_LEVELS = ("L3I", "L3S")
 #: The prediction whose band the summary's coverage column reports, per layer set.
 BAND_LEVEL = {"last": "L3", "all": "L3L"}  # any other layer set (several layers, or
 # bias-corrected ones) is predicted by the all-layer model: L3L
@@ -256,7 +261,8 @@ class Comparison:
         (clipped) bound, the share of cells where that bound is vacuous, the fraction of
         cells whose measured flip rate lies inside the band of the layer set's level-3
         prediction (``band_coverage``: L3 for the last layer, L3L for all layers), the same
-        for level L3I where it was run (``band_coverage_L3I``), and the number of cells.
+        for levels L3I and L3S where they were run (``band_coverage_L3I``,
+        ``band_coverage_L3S``), and the number of cells.
         The bit range is given by the integer columns ``bits_min`` and ``bits_max``.
 
         Parameters
@@ -270,9 +276,11 @@ class Comparison:
         if not len(t):
             return pd.DataFrame()
         groups = ["model", "problem", "layers", "granularity"]
-        extra = {}
-        if "L3I_flip_rate_in_band" in t:  # NaN in the cells it was not run for
-            extra["band_coverage_L3I"] = t["L3I_flip_rate_in_band"].astype(float)
+        extra = {
+            f"band_coverage_{lvl}": t[f"{lvl}_flip_rate_in_band"].astype(float)
+            for lvl in OPTIONAL_BAND_LEVELS
+            if f"{lvl}_flip_rate_in_band" in t  # NaN in the cells it was not run for
+        }
         t = t.assign(
             bit_range=0 if split_bits is None else np.where(t["bits"] < split_bits, 0, 1),
             band_coverage=[
@@ -285,8 +293,8 @@ class Comparison:
         err_cols = [c for c in t.columns if c.endswith("_abs_error")]
         named: dict[str, Any] = {c: (c, "mean") for c in err_cols}
         named["band_coverage"] = ("band_coverage", "mean")
-        if extra:
-            named["band_coverage_L3I"] = ("band_coverage_L3I", "mean")
+        for col in extra:
+            named[col] = (col, "mean")
         if "sakr_vacuous" in t:
             t["sakr_vacuous"] = t["sakr_vacuous"].astype(float)
             named["sakr_vacuous_share"] = ("sakr_vacuous", "mean")
@@ -698,6 +706,8 @@ def compare_all_layers(
     competitors: int | None = None,
     bias_correction: Any = None,
     input_noise_images: int = 0,
+    smoothed_probes: int = 0,
+    smoothed_bits: Sequence[int] | None = None,
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -744,6 +754,15 @@ def compare_all_layers(
         input, eq. L25-L26), with the ratios estimated on the first ``input_noise_images``
         evaluation images (:func:`~distortion.experiments.input_noise.input_noise`, two draws
         per layer, cached). 0: no level L3I.
+    smoothed_probes : int
+        Also predict level ``L3S``: level 3L moved by the moment-propagated mean of the logits
+        (eq. L31, :func:`~distortion.experiments.smoothed.smoothed_shift` with this many
+        forward-mode probes, two re-estimates of the noise scales, cached per quantizer).
+        Not with ``bias_correction`` (the correction removes part of that mean). 0: no level
+        L3S.
+    smoothed_bits : sequence of int, optional
+        The bit-widths whose cells get level L3S (None: every cell); its columns are NaN in
+        the others.
 
     Returns
     -------
@@ -763,6 +782,20 @@ def compare_all_layers(
     k_noise = input_noise_images  # checked before any expensive work
     if isinstance(k_noise, bool) or not isinstance(k_noise, int | np.integer) or k_noise < 0:
         raise ValueError(f"input_noise_images must be an integer >= 0, got {k_noise!r}")
+    k_sm = smoothed_probes
+    if isinstance(k_sm, bool) or not isinstance(k_sm, int | np.integer) or k_sm < 0 or k_sm == 1:
+        raise ValueError(f"smoothed_probes must be 0 or an integer >= 2, got {k_sm!r}")
+    if k_sm and bias_correction is not None:
+        raise ValueError(
+            "smoothed_probes (level L3S) predicts the uncorrected network: the bias correction "
+            "removes part of the mean it models; pass smoothed_probes=0 with bias_correction"
+        )
+    if smoothed_bits is not None:
+        if isinstance(smoothed_bits, str | bytes) or not all(
+            isinstance(b, int | np.integer) and not isinstance(b, bool) for b in smoothed_bits
+        ):
+            raise ValueError(f"smoothed_bits must be a list of bit-widths, got {smoothed_bits!r}")
+        smoothed_bits = {int(b) for b in smoothed_bits}
     need_channel = any(q.granularity == "channel" for q in quantizers)
     grams = gradient_grams(
         model, data, layers=layers, granularity="channel" if need_channel else "tensor",
@@ -839,6 +872,17 @@ def compare_all_layers(
                 band=grams.projections is not None,
             ).to_prediction()  # fmt: skip
             preds["L3I"] = replace(preds["L3I"], level="3I")
+        if smoothed_probes and (smoothed_bits is None or int(q.bits) in smoothed_bits):
+            from distortion.experiments.smoothed import smoothed_shift
+
+            shift, _ = smoothed_shift(
+                model, data, dict(zip(names, m2, strict=True)), n_probes=int(smoothed_probes),
+                seed=seed, cache_dir=cache_dir,
+            )  # fmt: skip
+            preds["L3S"] = multilayer_distortion(
+                grams, m2, seed=seed, band=grams.projections is not None, shift=shift
+            ).to_prediction()
+            preds["L3S"] = replace(preds["L3S"], level="3S")
         if n_dither_realizations:
             preds["L3N"] = _dither_reference(
                 model, data, q, names, logits, n_dither_realizations, seed, cache_dir,

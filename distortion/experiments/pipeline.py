@@ -73,7 +73,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
     "all_layers": ("bits", "n", "dither_realizations", "competitors", "bias_correction",
-                   "input_noise"),
+                   "input_noise", "smoothed_probes", "smoothed_bits"),
     "hypotheses": ("bits", "n_components", "layers"),
     "activations": ("n", "calibration", "grid", "granularity", "int8"),
     "compression": ("n", "families", "max_flip_rate"),
@@ -100,6 +100,8 @@ _TOML_KEY: dict[str, str] = {
     "all_layers_competitors": "all_layers.competitors",
     "all_layers_bias_correction": "all_layers.bias_correction",
     "all_layers_input_noise": "all_layers.input_noise",
+    "all_layers_smoothed": "all_layers.smoothed_probes",
+    "all_layers_smoothed_bits": "all_layers.smoothed_bits",
     "hypotheses_bits": "hypotheses.bits", "n_components": "hypotheses.n_components",
     "hypotheses_layers": "hypotheses.layers", "stages": "stages",
     "activations_n": "activations.n", "activations_calibration": "activations.calibration",
@@ -223,6 +225,8 @@ class ExperimentConfig:
     all_layers_competitors: int | None = None
     all_layers_bias_correction: int = 0
     all_layers_input_noise: int = 0
+    all_layers_smoothed: int = 0
+    all_layers_smoothed_bits: tuple[int, ...] | None = None
     hypotheses_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     n_components: int = 10
     hypotheses_layers: str = "all"
@@ -299,6 +303,13 @@ class ExperimentConfig:
                    " (calibration images of the bias-corrected cells; 0: none)")  # fmt: skip
         _check_int(k["all_layers_input_noise"], self.all_layers_input_noise, 0,
                    " (images of the input-noise ratios, level L3I; 0: none)")  # fmt: skip
+        _check_int(k["all_layers_smoothed"], self.all_layers_smoothed, 0,
+                   " (probes of the smoothed network's mean, level L3S; 0: none)")  # fmt: skip
+        if self.all_layers_smoothed == 1:
+            raise ValueError(f"{k['all_layers_smoothed']} must be 0 (none) or >= 2, got 1")
+        if self.all_layers_smoothed_bits is not None:
+            set_(self, "all_layers_smoothed_bits",
+                 _check_bits(k["all_layers_smoothed_bits"], self.all_layers_smoothed_bits))
         _check_int(k["n_components"], self.n_components, 1, " (principal components)")
         _check_choice(k["hypotheses_layers"], self.hypotheses_layers, ("all", "last"))
         problems = _check_list(k["problems"], self.problems, '[{ name = "10-class" }]')
@@ -416,8 +427,8 @@ class ExperimentConfig:
         if "problems" in kw:
             kw["problems"] = _problems(kw["problems"])
         for key in ("granularity", "last_layer_bits", "all_layers_bits", "hypotheses_bits",
-                    "stages", "activations_grid", "activations_granularity", "activations_int8",
-                    "compression_families"):
+                    "all_layers_smoothed_bits", "stages", "activations_grid",
+                    "activations_granularity", "activations_int8", "compression_families"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -898,6 +909,10 @@ def run_experiment(
                         extra = {} if competitors is None else {"competitors": competitors}
                         if config.all_layers_input_noise:
                             extra["input_noise_images"] = config.all_layers_input_noise
+                        smooth = {}  # uncorrected cells only: the correction removes that mean
+                        if config.all_layers_smoothed:
+                            smooth["smoothed_probes"] = config.all_layers_smoothed
+                            smooth["smoothed_bits"] = config.all_layers_smoothed_bits
                         parts.append(
                             compare_all_layers(
                                 model,
@@ -909,6 +924,7 @@ def run_experiment(
                                 progress=progress,
                                 n_dither_realizations=config.all_layers_dither,
                                 **extra,
+                                **smooth,
                             )  # fmt: skip
                         )
                 if main and config.all_layers_bias_correction:
@@ -1135,6 +1151,8 @@ SUMMARY_TEXT_COLUMNS: dict[str, str] = {
     "L3 in band": "share of cells whose measured flip rate lies in the level-3 band",
     "L3I band": "the same for the band of level L3I (all layers, where all_layers.input_noise "
     "> 0)",
+    "L3S band": "the same for the band of level L3S (all layers, where "
+    "all_layers.smoothed_probes > 0)",
     "H_U fails": "share of (quantized layer x bit-width) whose error fails H_U",
     "H_G margins fail": "share of logit margins failing normality (last layer)",
 }
@@ -1146,6 +1164,8 @@ SUMMARY_CSV_COLUMNS: dict[str, str] = {
     "of the layer set's level-3 prediction (L3 for the last layer, L3L for all layers)",
     "band_coverage_L3I": "the same for the band of level L3I, where it was run "
     "(all_layers.input_noise > 0; empty elsewhere)",
+    "band_coverage_L3S": "the same for the band of level L3S, where it was run "
+    "(all_layers.smoothed_probes > 0; empty elsewhere)",
     "sakr_vacuous_share": "share of the group's cells where Sakr's published bound is >= 1",
     "cells": "number of cells (bit-widths) in the group",
     "bits_min": "smallest bit-width of the group (integer)",
@@ -1305,10 +1325,11 @@ def summary_table(
     for c in cols:
         show[c.replace("_flip_rate_abs_error", " |err| pp")] = [pct(v) for v in s[c]]
     show["band"] = [pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["band_coverage"]]
-    if "band_coverage_L3I" in s and s["band_coverage_L3I"].notna().any():
-        show["L3I band"] = [
-            pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["band_coverage_L3I"]
-        ]
+    for lvl in ("L3I", "L3S"):
+        if f"band_coverage_{lvl}" in s and s[f"band_coverage_{lvl}"].notna().any():
+            show[f"{lvl} band"] = [
+                pct(v, 0) + (" %" if pd.notna(v) else "") for v in s[f"band_coverage_{lvl}"]
+            ]
     if "sakr_vacuous_share" in s:
         show["sakr vacuous"] = [
             pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["sakr_vacuous_share"]
@@ -1336,6 +1357,12 @@ def summary_table(
             "(all_layers.input_noise, theory/multilayer.md eq. L25), 'L3I band' the coverage of "
             "its band; 'all, bias-corrected': "
             "the networks with corrected biases (all_layers.bias_correction, eq. L22)."
+        )
+    if any(c.startswith("L3S") for c in cols):
+        lines.append(
+            "L3S: L3L moved by the mean of the network whose ReLUs are smoothed by the noise "
+            "each one sees (all_layers.smoothed_probes, theory/multilayer.md eq. L31), "
+            "'L3S band' the coverage of its band."
         )
     if verdicts is not None and len(verdicts):
         lines.append(
