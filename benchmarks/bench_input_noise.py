@@ -12,8 +12,10 @@ For one network (default ResNet-56, every layer) and N CIFAR-10 test images, in 
 
 With ``--rectifier``, also the mean shift of the rectifier after each layer that has one
 (eq. L27-L28, ``rectifier_weight_shift``, float32, one pass per layer at ``--bits``) and the
-one-layer prediction with it from the cache (median over the layers). ``--noise-n 0`` skips
-the ratios.
+one-layer prediction with it from the cache (median over the layers). With ``--smoothed P``,
+the moment-propagated mean of every layer at once (eq. L31, ``smoothed_shift``, P probes,
+two re-estimates, float32, cache off) and the level-3S prediction with it from the cache.
+``--noise-n 0`` skips the ratios.
 
 Prints the times, the ratio of the one-time costs to the Grams, and the load (``uptime``) before and
 after. ``--bias-correction M`` does the same for the bias-corrected network (M calibration
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bias-correction", type=int, default=0, metavar="M")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--rectifier", action="store_true")
+    ap.add_argument("--smoothed", type=int, default=0, metavar="P",
+                    help="also the smoothed mean shift, P probes (level 3S)")  # fmt: skip
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.experiments.models import get_layer, load_model
     from distortion.experiments.pipeline import select_images
     from distortion.experiments.sensitivity import gradient_grams
+    from distortion.experiments.smoothed import smoothed_shift
     from distortion.quantize import UniformQuantizer
     from distortion.theory.multilayer import multilayer_distortion
 
@@ -129,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
               f"= {t_rect / t_grams:.2f} x the Grams, {t_rect / len(shifts):.2f} s per layer; "
               f"one-layer prediction with its shift from the cache: median "
               f"{1e3 * statistics.median(one):.1f} ms")  # fmt: skip
+    if a.smoothed:
+        if means is not None:
+            ap.error("--smoothed models the uncorrected network: drop --bias-correction")
+        t = time.perf_counter()
+        mu, changes = smoothed_shift(model, data, dict(zip(grams.layer_names, m2, strict=True)),
+                                     n_probes=a.smoothed, cache=False)  # fmt: skip
+        t_sm = time.perf_counter() - t
+        t3s, r3s = timed(lambda: multilayer_distortion(grams, m2, band=True, shift=mu))
+        print(f"smoothed mean shift (all layers, {a.smoothed} probes x 3 passes, {a.bits} bits "
+              f"per tensor, float32): {t_sm:.1f} s = {t_sm / t_grams:.2f} x the Grams (last "
+              f"re-estimate changed s by {100 * float(changes[:, -1].max()):.1f} % rms at most); "
+              f"prediction from the cache, median of {a.repeats}: 3L {1e3 * t3l:.1f} ms (flip "
+              f"{r3l.flip_rate:.4f}), 3S {1e3 * t3s:.1f} ms (flip "
+              f"{r3s.flip_rate:.4f})")  # fmt: skip
     print("load after:", _uptime())
     return 0
 

@@ -162,7 +162,10 @@ def test_low_bits_config_is_the_default_with_the_section_16_terms():
     low = ExperimentConfig.from_toml(DEFAULT_CONFIG.parent / "low_bits.toml")
     assert (low.all_layers_input_noise, low.all_layers_bias_correction) == (200, 1000)
     assert (base.all_layers_input_noise, base.all_layers_bias_correction) == (0, 0)
-    differ = {"name", "source_file", "all_layers_input_noise", "all_layers_bias_correction"}
+    assert (low.all_layers_smoothed, low.all_layers_smoothed_bits) == (16, (2, 3))
+    assert (base.all_layers_smoothed, base.all_layers_smoothed_bits) == (0, None)
+    differ = {"name", "source_file", "all_layers_input_noise", "all_layers_bias_correction",
+              "all_layers_smoothed", "all_layers_smoothed_bits"}  # fmt: skip
     for f in dataclasses.fields(ExperimentConfig):
         if f.name not in differ:
             assert getattr(low, f.name) == getattr(base, f.name), f.name

@@ -180,10 +180,7 @@ def noise_scales(
     changes : list of float
         Per re-estimate, the rms relative change of :math:`s` over the units (convergence).
     """
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
-        raise ValueError(f"n_probes must be an integer >= 2, got {n_probes!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    _check_probes(n_probes, iterations)
     params, sds = _weight_scales(net, second_moments)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     from distortion.experiments.models import get_layer
@@ -372,6 +369,13 @@ class SmoothedGrams:
         )
 
 
+def _check_probes(n_probes: Any, iterations: Any) -> None:
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
+        raise ValueError(f"n_probes must be an integer >= 2, got {n_probes!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+
+
 def _check_chunking(chunk: Any, probe_dtype: Any) -> None:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
@@ -459,10 +463,7 @@ def smoothed_shift(
     from distortion.experiments.sensitivity import _data_info, _model_hash
 
     _check_chunking(chunk, probe_dtype)
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
-        raise ValueError(f"n_probes must be an integer >= 2, got {n_probes!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    _check_probes(n_probes, iterations)
     if not isinstance(second_moments, Mapping) or not second_moments:
         raise ValueError(
             "second_moments must be a non-empty dict of layer name to the error's second "
