@@ -27,7 +27,8 @@ nonlinear network under H_U exactly).
 
 It prints, per cell, the three flip rates, the rms shift against its standard error, the
 share of the first-order miss the shift explains ((3L+shift - 3L) / (measured - 3L)) and the
-time of the shift. Writes ``second_order.csv`` to ``--out``.
+time of the shift. Writes ``second_order.csv`` to ``--out``. ``--skip S`` takes the evaluation
+images S .. S+n-1 instead: images held out from a study run on the first S.
 
 Usage::
 
@@ -35,6 +36,8 @@ Usage::
     OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift rectifiers --probes 16
     OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift smoothed --probes 16 \
         --n 500 --bits 3 4 --mean-check 4
+    OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift smoothed --probes 16 \
+        --n 500 --skip 500 --bits 3 4     # held out from the run above
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     ap.add_argument("--n", type=int, default=200, help="evaluation images (default 200)")
+    ap.add_argument("--skip", type=int, default=0, metavar="S",
+                    help="evaluation images S .. S+n-1 (held out from the first S)")  # fmt: skip
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--granularity", nargs="+", default=["tensor", "channel"])
     ap.add_argument("--shift", choices=["hessian", "rectifiers", "smoothed"], default="hessian",
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.probes < 2 or args.mean_check < 0 or args.mean_check == 1:
         ap.error("--probes must be >= 2 and --mean-check 0 or >= 2")
+    if args.skip < 0 or args.n < 1:
+        ap.error("--skip must be >= 0 and --n >= 1")
 
     import torch
 
@@ -106,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.quantize import UniformQuantizer
     from distortion.theory.multilayer import multilayer_distortion
 
-    images, seed = evaluation_images(args.n)
+    images, seed = evaluation_images(args.skip + args.n)
+    if args.skip:
+        from distortion.experiments.pipeline import select_images
+
+        if len(images) < args.skip + args.n:
+            raise SystemExit(f"--skip {args.skip} + --n {args.n} exceeds the {len(images)} "
+                             "evaluation images")  # fmt: skip
+        images = select_images(images, np.arange(args.skip, args.skip + args.n), "held-out")
     rows = []
     for name in args.models:
         model = load_model(name)
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     l3n = float(np.mean([np.mean(np.argmax(z0 + m, 1) != dec) for m in moves]))
                 rows.append({
                     "model": name, "granularity": gran, "bits": bits, "n": len(images),
+                    "skip": args.skip,
                     "measured": meas.flip_rate, "L3L": base.flip_rate, "L3L_low": lo,
                     "L3L_high": hi, "L3L_shift": moved.flip_rate, "L3L_shift_low": mlo,
                     "L3L_shift_high": mhi,
