@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                         model, images, m2, n_probes=args.probes, seed=seed
                     )
                 elif args.shift == "smoothed":
-                    shift, changes = smoothed_shift(
-                        model, images, m2, n_probes=args.probes, seed=seed
-                    )
+                    shift, _ = smoothed_shift(
+                        model, images, m2, n_probes=args.probes, seed=seed,
+                        cache_dir=args.cache_dir,
+                    )  # fmt: skip
                     se = np.full(shift.shape, np.nan)
                 else:
                     shift = weight_noise_rectifier_shift(

@@ -909,8 +909,8 @@ def run_experiment(
                         extra = {} if competitors is None else {"competitors": competitors}
                         if config.all_layers_input_noise:
                             extra["input_noise_images"] = config.all_layers_input_noise
-                        smooth = {}  # uncorrected cells only: the correction removes that mean
-                        if config.all_layers_smoothed:
+                        smooth = {}  # not in `extra`, which the bias-corrected cells reuse:
+                        if config.all_layers_smoothed:  # the correction removes that mean
                             smooth["smoothed_probes"] = config.all_layers_smoothed
                             smooth["smoothed_bits"] = config.all_layers_smoothed_bits
                         parts.append(
@@ -1325,7 +1325,9 @@ def summary_table(
     for c in cols:
         show[c.replace("_flip_rate_abs_error", " |err| pp")] = [pct(v) for v in s[c]]
     show["band"] = [pct(v, 0) + (" %" if pd.notna(v) else "") for v in s["band_coverage"]]
-    for lvl in ("L3I", "L3S"):
+    from distortion.experiments.compare import OPTIONAL_BAND_LEVELS
+
+    for lvl in OPTIONAL_BAND_LEVELS:
         if f"band_coverage_{lvl}" in s and s[f"band_coverage_{lvl}"].notna().any():
             show[f"{lvl} band"] = [
                 pct(v, 0) + (" %" if pd.notna(v) else "") for v in s[f"band_coverage_{lvl}"]

@@ -62,15 +62,20 @@ _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def smooth_relu(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    r""":math:`E[\max(u + \varepsilon, 0)]` for :math:`\varepsilon \sim N(0, s^2)` (eq. L30);
-    ``max(u, 0)`` where ``s`` is 0. Differentiable in ``u`` with derivative
-    :math:`\Phi(u/s)` (autograd and forward mode)."""
+def _standardized(u: torch.Tensor, s: torch.Tensor):
+    """``(s > 0, s or 1, t = u / s, Phi(t), phi(t))``: the Gaussian terms of eq. L30 and L34."""
     pos = s > 0
     safe = torch.where(pos, s, torch.ones_like(s))
     t = u / safe
-    big_phi = 0.5 * torch.erfc(-t / _SQRT2)
-    phi = torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+    return pos, safe, t, 0.5 * torch.erfc(-t / _SQRT2), torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+
+
+def smooth_relu(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    r""":math:`E[\max(u + \varepsilon, 0)]` for :math:`\varepsilon \sim N(0, s^2)` (eq. L30);
+    ``max(u, 0)`` where ``s`` is 0. Differentiable in ``u`` with derivative
+    :math:`\Phi(u/s)` (autograd and forward mode). The same mean less ``max(u, 0)``, in a
+    form accurate where it is tiny, is :func:`~distortion.experiments.curvature.relu_bias`."""
+    pos, safe, _, big_phi, phi = _standardized(u, s)
     return torch.where(pos, u * big_phi + safe * phi, torch.relu(u))
 
 
@@ -78,11 +83,7 @@ def residual_variance(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     r""":math:`\operatorname{Var}[\max(u + \varepsilon, 0)] - \Phi(u/s)^2 s^2` for
     :math:`\varepsilon \sim N(0, s^2)` (eq. L34): the part of the rectified noise that the
     smoothed gate does not carry, uncorrelated with the input noise; 0 where ``s`` is 0."""
-    pos = s > 0
-    safe = torch.where(pos, s, torch.ones_like(s))
-    t = u / safe
-    big_phi = 0.5 * torch.erfc(-t / _SQRT2)
-    phi = torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+    pos, safe, t, big_phi, phi = _standardized(u, s)
     mean = t * big_phi + phi  # E[max(t + e, 0)], e ~ N(0, 1)
     second = (t * t + 1.0) * big_phi + t * phi
     v = safe * safe * torch.clamp(second - mean * mean - big_phi * big_phi, min=0.0)
@@ -383,9 +384,13 @@ def _check_chunking(chunk: Any, probe_dtype: Any) -> None:
         raise ValueError(f"probe_dtype must be torch.float32 or float64, got {probe_dtype!r}")
 
 
-def _chunks(model, data, second_moments, chunk, n_probes, iterations, seed, probe_dtype):
+def _chunks(
+    model, data, second_moments, chunk, n_probes, iterations, seed, probe_dtype, extras=True
+):
     """Per chunk of images: (the chunk, its inputs, the float logits, the noise scales, the
-    perturbed layers' input variances, the probes' logit draws, the scales' changes)."""
+    perturbed layers' input variances, the probes' logit draws, the scales' changes); the
+    variances and draws (for eq. L36 and the probe covariance) are empty without
+    ``extras``."""
     import copy
 
     from distortion.experiments._torch_state import evaluated_on
@@ -404,7 +409,8 @@ def _chunks(model, data, second_moments, chunk, n_probes, iterations, seed, prob
             draws: list[torch.Tensor] = []
             scales, changes = noise_scales(
                 net, x.to(probe_dtype), second_moments, n_probes=n_probes,
-                iterations=iterations, generator=gen, inputs=in_var, draws=draws,
+                iterations=iterations, generator=gen, inputs=in_var if extras else None,
+                draws=draws if extras else None,
             )  # fmt: skip
             with torch.no_grad():
                 z = model(x).to(torch.float64).numpy()
@@ -482,7 +488,7 @@ def smoothed_shift(
             return found["shift"], found["changes"]
     shifts, changes = [], []
     for _, x, z, scales, _, _, ch in _chunks(
-        model, data, second_moments, chunk, n_probes, iterations, seed, probe_dtype
+        model, data, second_moments, chunk, n_probes, iterations, seed, probe_dtype, extras=False
     ):
         with torch.no_grad(), _SmoothMode(scales):
             shifts.append(model(x).to(torch.float64).numpy() - z)
