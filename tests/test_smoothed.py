@@ -281,6 +281,10 @@ def test_bad_input():
         smoothed_shift(net, (x, None), {"conv1": 0.1}, probe_dtype=torch.int32)
     with pytest.raises(ValueError, match="data must be"):
         smoothed_shift(net, "images", {"conv1": 0.1})
+    with pytest.raises(ValueError, match="does not accept inputs of shape"):
+        smoothed_shift(net, (x[:, :1], None), {"conv1": 0.1}, cache=False)
+    with pytest.raises(ValueError, match="not finite"):
+        smoothed_shift(net, (x * float("nan"), None), {"conv1": 0.1}, cache=False)
     scales, _ = noise_scales(net, x, {"conv1": 0.1}, n_probes=2)
     with pytest.raises(ValueError, match="forward pass differs"), _SmoothMode(scales):
         net(_x(3))

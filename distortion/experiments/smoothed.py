@@ -405,6 +405,19 @@ def _chunks(
         for x, y in _batches(data, chunk):
             x = x.to(dtype)
             part = x if y is None else (x, y)
+            try:
+                with torch.no_grad():
+                    z = model(x).to(torch.float64).numpy()
+            except RuntimeError as err:  # a shape the network does not take
+                raise ValueError(
+                    f"the model does not accept inputs of shape {tuple(x.shape)}: pass the "
+                    f"samples it was built for ({err})"
+                ) from None
+            if not np.all(np.isfinite(z)):
+                raise ValueError(
+                    "the float network's logits are not finite on these samples: check the "
+                    "inputs and the weights for NaN or inf"
+                )
             in_var: dict[str, torch.Tensor] = {}
             draws: list[torch.Tensor] = []
             scales, changes = noise_scales(
@@ -412,8 +425,6 @@ def _chunks(
                 iterations=iterations, generator=gen, inputs=in_var if extras else None,
                 draws=draws if extras else None,
             )  # fmt: skip
-            with torch.no_grad():
-                z = model(x).to(torch.float64).numpy()
             yield part, x, z, scales, in_var, draws, changes
 
 
