@@ -23,7 +23,8 @@ layer (H_U exact) run through the real network, and the slope ``beta`` of their 
 on the shift (both centred over the classes of each image, which a common move leaves alone)
 is printed with its jackknife standard error over the realizations: 1 when the shift is the
 real network's mean move, and the R dithered networks' mean flip rate is level 3N (the
-nonlinear network under H_U exactly).
+nonlinear network under H_U exactly); the share of them whose flip rate lies inside each
+band is that band's coverage against the nonlinear network (95 % if it were exact).
 
 It prints, per cell, the three flip rates, the rms shift against its standard error, the
 share of the first-order miss the shift explains ((3L+shift - 3L) / (measured - 3L)) and the
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 lo, hi = base.flip_band()
                 mlo, mhi = moved.flip_band()
                 miss = meas.flip_rate - base.flip_rate
-                beta = beta_se = l3n = float("nan")
+                beta = beta_se = l3n = l3n_sd = in_3l = in_3s = float("nan")
                 if args.mean_check:
                     z0 = predict_logits(model, images, progress=False)
                     dq = UniformQuantizer(bits, granularity=gran, rounding="dither")
@@ -167,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                     beta, beta_se = mean_slope(np.stack(moves), shift)
                     # level 3N: the dithered networks' own flip rate (exact under H_U)
                     dec = np.argmax(z0, axis=1)
-                    l3n = float(np.mean([np.mean(np.argmax(z0 + m, 1) != dec) for m in moves]))
+                    flips = np.array([np.mean(np.argmax(z0 + m, 1) != dec) for m in moves])
+                    l3n, l3n_sd = float(flips.mean()), float(flips.std(ddof=1))
+                    # each dithered network is one realization of H_U: the share inside a
+                    # band is that band's coverage against the nonlinear network
+                    in_3l = float(np.mean((flips >= lo) & (flips <= hi)))
+                    in_3s = float(np.mean((flips >= mlo) & (flips <= mhi)))
                 rows.append({
                     "model": name, "granularity": gran, "bits": bits, "n": len(images),
                     "skip": args.skip,
@@ -180,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                     float("nan"),
                     "shift": args.shift, "probes": args.probes, "shift_s": t_shift,
                     "beta": beta, "beta_se": beta_se, "mean_check": args.mean_check,
-                    "L3N": l3n,
+                    "L3N": l3n, "L3N_sd": l3n_sd, "L3N_in_L3L_band": in_3l,
+                    "L3N_in_shift_band": in_3s,
                 })  # fmt: skip
                 r = rows[-1]
                 print(f"{name} {gran} {bits} bits: measured {r['measured']:.3f}  3L "
                       f"{r['L3L']:.3f} [{lo:.3f}, {hi:.3f}]  3L+shift {r['L3L_shift']:.3f} "
                       f"[{mlo:.3f}, {mhi:.3f}]  rms shift {r['shift_rms']:.3g} (se "
                       f"{r['shift_se_rms']:.3g})  share of miss {r['share_of_miss']:.2f}  "
-                      f"beta {beta:.3f} ({beta_se:.3f})  3N {l3n:.3f}  "
+                      f"beta {beta:.3f} ({beta_se:.3f})  3N {l3n:.3f} (in 3L band {in_3l:.2f}, "
+                      f"in shifted band {in_3s:.2f})  "
                       f"{t_shift:.0f} s", flush=True)  # fmt: skip
                 # written after every cell: a long run stopped part way keeps what it measured
                 args.out.mkdir(parents=True, exist_ok=True)
