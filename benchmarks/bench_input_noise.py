@@ -15,6 +15,9 @@ With ``--rectifier``, also the mean shift of the rectifier after each layer that
 one-layer prediction with it from the cache (median over the layers). With ``--smoothed P``,
 the moment-propagated mean of every layer at once (eq. L31, ``smoothed_shift``, P probes,
 two re-estimates, float32, cache off) and the level-3S prediction with it from the cache.
+With ``--dither R``, level 3N of the same allocation (``dithered_prediction``: R networks with
+subtractive-dither errors of the real steps, run through the real network; its band is the
+calibrated one at 2-3 bits, ``theory/multilayer.md`` section 17).
 ``--noise-n 0`` skips the ratios.
 
 Prints the times, the ratio of the one-time costs to the Grams, and the load (``uptime``) before and
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rectifier", action="store_true")
     ap.add_argument("--smoothed", type=int, default=0, metavar="P",
                     help="also the smoothed mean shift, P probes (level 3S)")  # fmt: skip
+    ap.add_argument("--dither", type=int, default=0, metavar="R",
+                    help="also level 3N, R dithered networks (R >= 39)")  # fmt: skip
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -148,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
               f"prediction from the cache, median of {a.repeats}: 3L {1e3 * t3l:.1f} ms (flip "
               f"{r3l.flip_rate:.4f}), 3S {1e3 * t3s:.1f} ms (flip "
               f"{r3s.flip_rate:.4f})")  # fmt: skip
+    if a.dither:
+        from distortion.experiments.compare import dithered_prediction
+
+        t = time.perf_counter()
+        r3n = dithered_prediction(
+            model, data, q, layers=list(grams.layer_names), repeats=a.dither, progress=False,
+            bias_correction=means,
+        )  # fmt: skip
+        t_3n = time.perf_counter() - t
+        lo, hi = r3n.flip_rate_band
+        print(f"level 3N ({a.dither} dithered networks, {a.bits} bits per tensor): {t_3n:.1f} s "
+              f"= {t_3n / t_grams:.2f} x the Grams (flip {r3n.flip_rate:.4f}, band [{lo:.3f}, "
+              f"{hi:.3f}])")  # fmt: skip
     print("load after:", _uptime())
     return 0
 

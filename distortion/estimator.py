@@ -1180,6 +1180,60 @@ class AccuracyLossEstimator:
         )
         return shift
 
+    def dithered_prediction(
+        self,
+        model: Any,
+        dataset: Any,
+        allocation: Mapping[str, int] | BitAllocation,
+        *,
+        quantizer: UniformQuantizer | None = None,
+        repeats: int = 40,
+    ) -> Prediction:
+        r"""Level 3N for one bit allocation: ``repeats`` networks whose quantized layers
+        carry a subtractive-dither error of this allocation's steps, run through ``model``.
+
+        The error model exactly (H_U by construction) with nothing linearized
+        (:func:`~distortion.experiments.compare.dithered_prediction`): its band, the order
+        statistics of the dithered networks' flip counts, is calibrated by construction. At
+        2-3 bits it is the band to read beside level 3S (:meth:`smoothed_shift`), whose own
+        band is about half as wide as the realizations' spread there
+        (``theory/multilayer.md`` §17). It costs ``repeats`` forward passes over
+        ``dataset`` (with bias correction when the estimator was fitted with it).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The float network the estimator was fitted on.
+        dataset
+            Labelled samples (any; those of :meth:`fit_model` to set it beside
+            :meth:`predict_allocation`).
+        allocation : mapping of layer name to bits, or BitAllocation
+        quantizer : UniformQuantizer, optional
+            Scheme, granularity and clipping (its bits and rounding are replaced).
+        repeats : int
+            Dithered networks (at least :func:`min_realizations` of the coverage: 39 at 95 %).
+
+        Returns
+        -------
+        Prediction
+            Level ``"3N"`` with its flip-rate and accuracy-loss bands.
+        """
+        from distortion.experiments.compare import dithered_prediction
+
+        self._check_fitted(multilayer=True)
+        q = self._quantizer(quantizer)
+        bits = self._allocation_bits(allocation)
+        per_layer = {
+            name: q.with_bits(int(b)) for name, b in zip(self.layers_, bits, strict=True) if b
+        }
+        if not per_layer:
+            raise ValueError("the allocation quantizes no layer: give at least one layer bits")
+        return dithered_prediction(
+            model, dataset, per_layer, repeats=repeats, seed=realization_seed(self.seed, 3),
+            coverage=self.coverage, progress=self.progress,
+            bias_correction=self.bias_correction_,
+        )  # fmt: skip
+
     def weight_activation_split(
         self,
         allocation: Mapping[str, int] | BitAllocation | int,

@@ -23,8 +23,14 @@ layer (H_U exact) run through the real network, and the slope ``beta`` of their 
 on the shift (both centred over the classes of each image, which a common move leaves alone)
 is printed with its jackknife standard error over the realizations: 1 when the shift is the
 real network's mean move, and the R dithered networks' mean flip rate is level 3N (the
-nonlinear network under H_U exactly); the share of them whose flip rate lies inside each
-band is that band's coverage against the nonlinear network (95 % if it were exact).
+nonlinear network under H_U exactly), with the order-statistic band of their flip rates (eq.
+L15); the share of them whose flip rate lies inside each band is that band's coverage
+against the nonlinear network (95 % if it were exact). With
+``--spread`` each dithered network's first-order move (one JVP) is computed too, and the
+standard deviation of the flip rate over the realizations is split
+(:func:`spread_decomposition`): the first-order moves alone, with the shift, with the mean of
+the nonlinear rest, with each realization's own class offset, against the dithered networks
+and the band's own realizations.
 
 It prints, per cell, the three flip rates, the rms shift against its standard error, the
 share of the first-order miss the shift explains ((3L+shift - 3L) / (measured - 3L)) and the
@@ -39,6 +45,8 @@ Usage::
         --n 500 --bits 3 4 --mean-check 4
     OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift smoothed --probes 16 \
         --n 500 --skip 500 --bits 3 4     # held out from the run above
+    OMP_NUM_THREADS=2 python experiments/second_order_study.py --shift smoothed --probes 16 \
+        --n 500 --skip 500 --bits 3 --mean-check 50 --spread
 """
 
 from __future__ import annotations
@@ -80,6 +88,40 @@ def mean_slope(moves: np.ndarray, shift: np.ndarray) -> tuple[float, float]:
     return beta, float(np.sqrt((r - 1) / r * np.sum((loo - loo.mean()) ** 2)))
 
 
+def spread_decomposition(
+    z0: np.ndarray, moves: np.ndarray, lins: np.ndarray, shift: np.ndarray, band: np.ndarray
+) -> dict[str, float]:
+    r"""Where the flip-rate spread of R dithered networks comes from.
+
+    ``moves`` (R, N, K) are their logit moves, ``lins`` (R, N, K) the first-order moves of the
+    same errors (:math:`J\,\mathrm{vec}(E)`, one JVP each), ``shift`` (N, K) the predicted
+    mean (eq. L31) and ``band`` the flip rates of the Grams' cached realizations moved by it
+    (the band of level 3S). The rest :math:`d_r = \text{move}_r - \text{lin}_r` splits into
+    its mean over the realizations and each one's own deviation, whose average over the
+    images (a class offset common to all of them) is tried on its own. Returns the standard
+    deviation over the realizations of the flip rate of each stand-in (``sd_*``) and the
+    rms of the parts, all centred over the classes.
+    """
+    dec = np.argmax(z0, axis=1)
+
+    def sd(moved: np.ndarray) -> float:
+        return float(np.std(np.mean(np.argmax(z0 + moved, axis=2) != dec, axis=1), ddof=1))
+
+    def rms(a: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((a - a.mean(axis=-1, keepdims=True)) ** 2)))
+
+    rest = moves - lins
+    mean_rest = rest.mean(axis=0)
+    offset = (rest - mean_rest).mean(axis=1, keepdims=True)
+    return {
+        "sd_3N": sd(moves), "sd_band_3S": float(np.std(band, ddof=1)), "sd_lin": sd(lins),
+        "sd_lin_shift": sd(lins + shift), "sd_lin_mean_rest": sd(lins + mean_rest),
+        "sd_lin_mean_rest_offset": sd(lins + mean_rest + offset),
+        "rms_lin": rms(lins), "rms_mean_rest": rms(mean_rest),
+        "rms_own_rest": rms(rest - mean_rest), "rms_offset": rms(offset),
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
@@ -93,16 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=8, help="probes of the shift (default 8)")
     ap.add_argument("--mean-check", type=int, default=0, metavar="R",
                     help="check the shift against R dithered networks' mean move")  # fmt: skip
+    ap.add_argument("--spread", action="store_true",
+                    help="with --mean-check: split the dithered networks' flip-rate spread "
+                    "(first-order move of each, its nonlinear rest)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.probes < 2 or args.mean_check < 0 or args.mean_check == 1:
         ap.error("--probes must be >= 2 and --mean-check 0 or >= 2")
+    if args.spread and not args.mean_check:
+        ap.error("--spread needs --mean-check R")
     if args.skip < 0 or args.n < 1:
         ap.error("--skip must be >= 0 and --n >= 1")
 
     import torch
 
+    from distortion.experiments.compare import first_order_actual_flips
     from distortion.experiments.curvature import (
         second_order_weight_shift,
         weight_noise_rectifier_shift,
@@ -112,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from distortion.experiments.sensitivity import gradient_grams
     from distortion.experiments.smoothed import smoothed_shift
     from distortion.quantize import UniformQuantizer
+    from distortion.theory._bands import order_statistic_band
     from distortion.theory.multilayer import multilayer_distortion
 
     images, seed = evaluation_images(args.skip + args.n)
@@ -157,19 +206,29 @@ def main(argv: list[str] | None = None) -> int:
                 lo, hi = base.flip_band()
                 mlo, mhi = moved.flip_band()
                 miss = meas.flip_rate - base.flip_rate
-                beta = beta_se = l3n = l3n_sd = in_3l = in_3s = float("nan")
+                beta = beta_se = l3n = l3n_sd = in_3l = in_3s = nlo = nhi = float("nan")
+                spread = {}
                 if args.mean_check:
                     z0 = predict_logits(model, images, progress=False)
                     dq = UniformQuantizer(bits, granularity=gran, rounding="dither")
-                    moves = []
+                    moves, lins = [], []
                     for r in range(args.mean_check):
-                        qm, _ = quantize_model(model, dq, names, seed=seed + 7919 * (r + 1))
+                        qm, qt = quantize_model(model, dq, names, seed=seed + 7919 * (r + 1))
                         moves.append(predict_logits(qm, images, progress=False) - z0)
+                        if args.spread:  # the same realization's first-order move (JVP)
+                            zf, zl = first_order_actual_flips(model, images, qt)
+                            lins.append(zl - zf)
                     beta, beta_se = mean_slope(np.stack(moves), shift)
                     # level 3N: the dithered networks' own flip rate (exact under H_U)
                     dec = np.argmax(z0, axis=1)
                     flips = np.array([np.mean(np.argmax(z0 + m, 1) != dec) for m in moves])
                     l3n, l3n_sd = float(flips.mean()), float(flips.std(ddof=1))
+                    nlo, nhi = order_statistic_band(np.rint(flips * len(dec)), len(dec), 0.95)
+                    if args.spread:
+                        spread = spread_decomposition(
+                            z0, np.stack(moves), np.stack(lins), shift,
+                            np.asarray(moved.flip_counts) / len(dec),
+                        )  # fmt: skip
                     # each dithered network is one realization of H_U: the share inside a
                     # band is that band's coverage against the nonlinear network
                     in_3l = float(np.mean((flips >= lo) & (flips <= hi)))
@@ -187,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                     "shift": args.shift, "probes": args.probes, "shift_s": t_shift,
                     "beta": beta, "beta_se": beta_se, "mean_check": args.mean_check,
                     "L3N": l3n, "L3N_sd": l3n_sd, "L3N_in_L3L_band": in_3l,
-                    "L3N_in_shift_band": in_3s,
+                    "L3N_in_shift_band": in_3s, "L3N_low": nlo, "L3N_high": nhi,
+                    "measured_in_L3N_band": float(nlo <= meas.flip_rate <= nhi), **spread,
                 })  # fmt: skip
                 r = rows[-1]
                 print(f"{name} {gran} {bits} bits: measured {r['measured']:.3f}  3L "
@@ -195,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"[{mlo:.3f}, {mhi:.3f}]  rms shift {r['shift_rms']:.3g} (se "
                       f"{r['shift_se_rms']:.3g})  share of miss {r['share_of_miss']:.2f}  "
                       f"beta {beta:.3f} ({beta_se:.3f})  3N {l3n:.3f} (in 3L band {in_3l:.2f}, "
-                      f"in shifted band {in_3s:.2f})  "
+                      f"in shifted band {in_3s:.2f}; its band [{nlo:.3f}, {nhi:.3f}])  "
                       f"{t_shift:.0f} s", flush=True)  # fmt: skip
+                if spread:
+                    print("  flip-rate sd over realizations: " + ", ".join(
+                        f"{k[3:]} {v:.3f}" for k, v in spread.items() if k.startswith("sd_")
+                    ), flush=True)  # fmt: skip
                 # written after every cell: a long run stopped part way keeps what it measured
                 args.out.mkdir(parents=True, exist_ok=True)
                 pd.DataFrame(rows).to_csv(args.out / "second_order.csv", index=False)

@@ -190,3 +190,19 @@ def test_level_3n_runs_the_real_network_with_dithered_errors(tmp_path):
     with pytest.raises(ValueError, match="n_dither_realizations"):
         compare_all_layers(net, data, [UniformQuantizer(8)], cache_dir=tmp_path,
                            n_realizations=0, n_dither_realizations=1, progress=False)  # fmt: skip
+    # only the cells of dither_bits get L3N, and its band's coverage joins the summary; the
+    # 3-bit cell is the one above (same cache, same seed)
+    only = compare_all_layers(
+        net, data, [UniformQuantizer(8), UniformQuantizer(3)], cache_dir=tmp_path,
+        n_realizations=0, n_dither_realizations=40, dither_bits=[3], progress=False,
+    )  # fmt: skip
+    u = only.table.set_index("bits")
+    assert np.isnan(u.loc[8, "L3N_flip_rate"])
+    assert u.loc[3, "L3N_flip_rate"] == t.loc[3, "L3N_flip_rate"]
+    s = only.summary()
+    inside = float(u.loc[3, "L3N_flip_rate_in_band"])
+    assert s["band_coverage_L3N"].iloc[0] == pytest.approx(inside)
+    with pytest.raises(ValueError, match="dither_bits must be a list"):
+        compare_all_layers(net, data, [UniformQuantizer(8)], cache_dir=tmp_path,
+                           n_realizations=0, n_dither_realizations=40, dither_bits="3",
+                           progress=False)  # fmt: skip

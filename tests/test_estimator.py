@@ -417,6 +417,46 @@ def test_allocate_compression_codebook_bits_and_rounded_costs(fitted):
         est.allocate_compression(lambda s: MagnitudePruner(s), (0.5,), ratio=0.5, cost="bytes")
 
 
+def test_dithered_prediction_is_the_mean_and_order_statistics_of_dithered_networks(fitted):
+    """Level 3N from the estimator against a transcription: R networks, each quantized layer
+    with a subtractive-dither error of its step (float layers untouched), run and
+    compared with the float decisions; the band is [min, max] of the R flip counts (R = 40,
+    95 %, eq. L15)."""
+    from distortion.compression import realization_seed
+
+    net, x, y, est = fitted
+    alloc = {LAYERS[0]: None, **dict.fromkeys(LAYERS[1:], 3)}  # the first stays float
+    pred = est.dithered_prediction(net, (x, y), alloc, repeats=40)
+    assert pred.level == "3N" and pred.n_samples == len(y)
+    base = realization_seed(est.seed, 3)
+    with torch.no_grad():
+        z0 = net(x).argmax(1)
+        flips, losses = [], []
+        for r in range(40):
+            qn = __import__("copy").deepcopy(net)
+            for i, name in enumerate(LAYERS[1:]):
+                w = qn.get_submodule(name).weight
+                q = UniformQuantizer(3, rounding="dither")
+                w.copy_(q.quantize(w.detach().clone(), seed=base + 1000 * r + i).values)
+            zq = qn(x).argmax(1)
+            flips.append(int((zq != z0).sum()))
+            losses.append(int((z0 == y).sum() - (zq == y).sum()))
+        # the first layer is left alone
+        assert torch.equal(qn.get_submodule(LAYERS[0]).weight, net.get_submodule(LAYERS[0]).weight)
+    n = len(y)
+    assert pred.flip_rate == pytest.approx(np.mean(flips) / n, rel=1e-12)
+    assert pred.accuracy_loss == pytest.approx(np.mean(losses) / n, rel=1e-12, abs=1e-15)
+    assert tuple(pred.flip_rate_band) == (min(flips) / n, max(flips) / n)
+    assert tuple(pred.accuracy_loss_band) == (min(losses) / n, max(losses) / n)
+    assert max(flips) > min(flips) > 0  # the realizations differ: the band has a width
+    with pytest.raises(ValueError, match="needs at least 39"):
+        est.dithered_prediction(net, (x, y), alloc, repeats=10)
+    with pytest.raises(ValueError, match="quantizes no layer"):
+        est.dithered_prediction(net, (x, y), {})
+    with pytest.raises(ValueError, match="repeats must be an integer"):
+        est.dithered_prediction(net, (x, y), alloc, repeats=40.0)
+
+
 def test_smoothed_shift_moves_the_allocation_prediction(fitted):
     """Level 3S from the estimator: the shift of eq. L31 for the allocation's error model,
     added to the same Grams' prediction (theory/multilayer.md §17)."""

@@ -164,8 +164,11 @@ def test_low_bits_config_is_the_default_with_the_section_16_terms():
     assert (base.all_layers_input_noise, base.all_layers_bias_correction) == (0, 0)
     assert (low.all_layers_smoothed, low.all_layers_smoothed_bits) == (16, (2, 3))
     assert (base.all_layers_smoothed, base.all_layers_smoothed_bits) == (0, None)
+    assert (low.all_layers_dither, low.all_layers_dither_bits) == (40, (2, 3))
+    assert (base.all_layers_dither, base.all_layers_dither_bits) == (0, None)
     differ = {"name", "source_file", "all_layers_input_noise", "all_layers_bias_correction",
-              "all_layers_smoothed", "all_layers_smoothed_bits"}  # fmt: skip
+              "all_layers_smoothed", "all_layers_smoothed_bits", "all_layers_dither",
+              "all_layers_dither_bits"}  # fmt: skip
     for f in dataclasses.fields(ExperimentConfig):
         if f.name not in differ:
             assert getattr(low, f.name) == getattr(base, f.name), f.name
@@ -188,6 +191,7 @@ def test_low_bits_config_is_the_default_with_the_section_16_terms():
         ("[compression]\nmax_flip_rate = 0", "compression.max_flip_rate must be a number"),
         ("[all_layers]\nsmoothed_probes = 1", "all_layers.smoothed_probes must be 0"),
         ("[all_layers]\nsmoothed_bits = 3", "all_layers.smoothed_bits must be a list"),
+        ("[all_layers]\ndither_bits = [0]", "all_layers.dither_bits"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, match):

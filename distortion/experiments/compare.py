@@ -93,7 +93,7 @@ ALL_LAYER_LEVELS = {
     "(theory/multilayer.md eq. L31)",
 }
 #: Levels run only on request, whose band coverage the summary reports beside the default's.
-OPTIONAL_BAND_LEVELS = ("L3I", "L3S")
+OPTIONAL_BAND_LEVELS = ("L3I", "L3S", "L3N")
 #: The prediction whose band the summary's coverage column reports, per layer set.
 BAND_LEVEL = {"last": "L3", "all": "L3L"}  # any other layer set (several layers, or
 # bias-corrected ones) is predicted by the all-layer model: L3L
@@ -261,8 +261,8 @@ class Comparison:
         (clipped) bound, the share of cells where that bound is vacuous, the fraction of
         cells whose measured flip rate lies inside the band of the layer set's level-3
         prediction (``band_coverage``: L3 for the last layer, L3L for all layers), the same
-        for levels L3I and L3S where they were run (``band_coverage_L3I``,
-        ``band_coverage_L3S``), and the number of cells.
+        for levels L3I, L3S and L3N where they were run (``band_coverage_L3I``,
+        ``band_coverage_L3S``, ``band_coverage_L3N``), and the number of cells.
         The bit range is given by the integer columns ``bits_min`` and ``bits_max``.
 
         Parameters
@@ -618,12 +618,7 @@ def _dither_reference(
     model, data, q, names, logits, repeats, seed, cache_dir, data_key, progress,
     bias_correction=None,
 ) -> Prediction:  # fmt: skip
-    """Level 3N: the real network with subtractive-dither errors of the real steps."""
-    from dataclasses import replace
-
-    from distortion.experiments.measure import measure
-    from distortion.theory._bands import order_statistic_band
-
+    """Level 3N of one cell of the study (cached): see :func:`dithered_prediction`."""
     if isinstance(repeats, bool) or not isinstance(repeats, int | np.integer) or repeats < 2:
         raise ValueError(f"n_dither_realizations must be 0 or an integer >= 2, got {repeats!r}")
     dq = replace(q, rounding="dither")
@@ -632,22 +627,115 @@ def _dither_reference(
         cache_dir,
         {**data_key, "quantizer": repr(dq), "seed": dseed, "repeats": int(repeats), "kind": "3N",
          **_bc_key(bias_correction)},
-        lambda: measure(
-            model, data, dq, layers=names, reference_logits=logits, repeats=int(repeats),
-            seed=dseed, progress=progress, bias_correction=bias_correction,
+        lambda: _dither_measurement(
+            model, data, dq, names, logits, repeats, dseed, progress, bias_correction
         ),
     )  # fmt: skip
-    n = len(np.asarray(data.labels))
+    return _dither_prediction(m, int(repeats), 0.95)
+
+
+def _dither_measurement(model, data, quantizer, layers, logits, repeats, seed, progress, bc):
+    from distortion.experiments.measure import measure
+
+    return measure(
+        model, data, quantizer, layers=layers, reference_logits=logits, repeats=int(repeats),
+        seed=seed, progress=progress, bias_correction=bc,
+    )  # fmt: skip
+
+
+def _dither_prediction(m: Any, repeats: int, coverage: float) -> Prediction:
+    """The Prediction of level 3N from the measurement of ``repeats`` dithered networks: the
+    mean over them, and the order-statistic band of their counts (eq. L15)."""
+    from distortion.theory._bands import order_statistic_band
+
+    n = int(m.n)
     flips = np.rint(np.asarray(m.flip_rates) * n)
     losses = m.accuracy_float - np.asarray(m.accuracies)
-    lb = order_statistic_band(np.rint(losses * n), n, 0.95)
     return Prediction(
         level="3N", flip_rate=m.flip_rate, flip_rate_stderr=m.flip_rate_stderr,
-        flip_rate_band=order_statistic_band(flips, n, 0.95), accuracy_loss=m.accuracy_loss,
-        accuracy_loss_stderr=m.accuracy_loss_stderr, accuracy_loss_band=lb,
+        flip_rate_band=order_statistic_band(flips, n, coverage), accuracy_loss=m.accuracy_loss,
+        accuracy_loss_stderr=m.accuracy_loss_stderr,
+        accuracy_loss_band=order_statistic_band(np.rint(losses * n), n, coverage),
         accuracy_float=m.accuracy_float, accuracy_compressed=m.accuracy, n_samples=n,
         method=f"dither x {int(repeats)}",
     )  # fmt: skip
+
+
+def dithered_prediction(
+    model: Any,
+    data: Any,
+    quantizer: Any,
+    *,
+    layers: str | Sequence[str] = "all",
+    repeats: int = 40,
+    seed: int = 0,
+    coverage: float = 0.95,
+    reference_logits: np.ndarray | None = None,
+    progress: bool = True,
+    bias_correction: Any = None,
+) -> Prediction:
+    r"""Level 3N: ``repeats`` networks whose every quantized layer carries a subtractive-dither
+    error of its real step, run through the real (nonlinear) network.
+
+    Under subtractive dither the error is exactly uniform and independent of the weights
+    (H_U holds by construction, ``theory/error_models.md``), so the mean flip rate of these
+    networks is the prediction of the error model with nothing linearized, and the order
+    statistics of their flip counts are a band for one more realization (eq. L15) that is
+    calibrated by construction. At 2-3 bits it is the band to read beside level 3S, whose own
+    band is too narrow there (``theory/multilayer.md`` §17); its cost is ``repeats`` forward
+    passes over ``data``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The float network (not modified).
+    data
+        Labelled samples (as :func:`~distortion.experiments.measure.measure` takes them).
+    quantizer : UniformQuantizer or dict of layer name to UniformQuantizer
+        The compression whose steps the dither uses (its rounding is replaced by dither).
+    layers : "all", "last" or list of str
+        Ignored when ``quantizer`` is a dict.
+    repeats : int
+        Dithered networks; a 95 % band needs at least 39 (:func:`min_realizations`).
+    seed : int
+        Seed of the dither draws.
+    coverage : float
+        Nominal coverage of the band.
+    reference_logits, progress, bias_correction
+        As in :func:`~distortion.experiments.measure.measure`.
+
+    Returns
+    -------
+    Prediction
+        Level ``"3N"``, with ``flip_rate_band`` and ``accuracy_loss_band``.
+    """
+    from distortion.results import check_confidence_level
+    from distortion.theory._bands import min_realizations
+
+    coverage = check_confidence_level(coverage, "coverage")
+    if isinstance(repeats, bool) or not isinstance(repeats, int | np.integer):
+        raise ValueError(f"repeats must be an integer, got {repeats!r}")
+    if repeats < min_realizations(coverage):
+        raise ValueError(
+            f"repeats={repeats} cannot give a {coverage:.0%} band: it needs at least "
+            f"{min_realizations(coverage)} dithered networks"
+        )
+    qs = quantizer if isinstance(quantizer, dict) else {None: quantizer}
+    for q in qs.values():
+        if not isinstance(q, UniformQuantizer):
+            raise ValueError(
+                f"quantizer must be a UniformQuantizer or a dict of them, got {type(q).__name__}"
+            )
+    if isinstance(quantizer, dict):
+        if not quantizer:
+            raise ValueError("quantizer is an empty dict: name at least one layer")
+        dq: Any = {k: replace(q, rounding="dither") for k, q in quantizer.items()}
+    else:
+        dq = replace(quantizer, rounding="dither")
+    m = _dither_measurement(
+        model, data, dq, layers, reference_logits, repeats, seed, progress, bias_correction
+    )
+    return _dither_prediction(m, int(repeats), coverage)
 
 
 def _bc_key(bias_correction: Any) -> dict[str, str]:
@@ -687,6 +775,17 @@ def linearized_prediction(
     return p, z_lin - z
 
 
+def _bit_set(bits: Any, name: str) -> set[int] | None:
+    """The bit-widths of an optional level's cells (None: every cell)."""
+    if bits is None:
+        return None
+    if isinstance(bits, str | bytes) or not all(
+        isinstance(b, int | np.integer) and not isinstance(b, bool) for b in bits
+    ):
+        raise ValueError(f"{name} must be a list of bit-widths, got {bits!r}")
+    return {int(b) for b in bits}
+
+
 def compare_all_layers(
     model: Any,
     data: Any,
@@ -708,6 +807,7 @@ def compare_all_layers(
     input_noise_images: int = 0,
     smoothed_probes: int = 0,
     smoothed_bits: Sequence[int] | None = None,
+    dither_bits: Sequence[int] | None = None,
 ) -> Comparison:
     r"""Compare the predictions with the measurement when every layer is quantized.
 
@@ -763,6 +863,13 @@ def compare_all_layers(
     smoothed_bits : sequence of int, optional
         The bit-widths whose cells get level L3S (None: every cell); its columns are NaN in
         the others.
+    n_dither_realizations : int
+        Also level ``L3N`` (0: none; at least 39 for its 95 % band): this many networks
+        whose every layer carries a subtractive-dither error of its real step, run through
+        the real network (:func:`dithered_prediction`; H_U exact, nothing linearized, its
+        band calibrated by construction).
+    dither_bits : sequence of int, optional
+        The bit-widths whose cells get level L3N (None: every cell).
 
     Returns
     -------
@@ -790,12 +897,8 @@ def compare_all_layers(
             "smoothed_probes (level L3S) predicts the uncorrected network: the bias correction "
             "removes part of the mean it models; pass smoothed_probes=0 with bias_correction"
         )
-    if smoothed_bits is not None:
-        if isinstance(smoothed_bits, str | bytes) or not all(
-            isinstance(b, int | np.integer) and not isinstance(b, bool) for b in smoothed_bits
-        ):
-            raise ValueError(f"smoothed_bits must be a list of bit-widths, got {smoothed_bits!r}")
-        smoothed_bits = {int(b) for b in smoothed_bits}
+    smoothed_bits = _bit_set(smoothed_bits, "smoothed_bits")
+    dither_bits = _bit_set(dither_bits, "dither_bits")
     need_channel = any(q.granularity == "channel" for q in quantizers)
     grams = gradient_grams(
         model, data, layers=layers, granularity="channel" if need_channel else "tensor",
@@ -883,7 +986,7 @@ def compare_all_layers(
                 grams, m2, seed=seed, band=grams.projections is not None, shift=shift
             ).to_prediction()
             preds["L3S"] = replace(preds["L3S"], level="3S")
-        if n_dither_realizations:
+        if n_dither_realizations and (dither_bits is None or int(q.bits) in dither_bits):
             preds["L3N"] = _dither_reference(
                 model, data, q, names, logits, n_dither_realizations, seed, cache_dir,
                 data_key, progress, bias_correction,

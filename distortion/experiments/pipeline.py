@@ -72,8 +72,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("names",),
     "quantizer": ("scheme", "clipping", "rounding", "granularity", "symmetric_range", "clip_ratio"),
     "last_layer": ("bits", "covariance", "n_realizations", "problems"),
-    "all_layers": ("bits", "n", "dither_realizations", "competitors", "bias_correction",
-                   "input_noise", "smoothed_probes", "smoothed_bits"),
+    "all_layers": ("bits", "n", "dither_realizations", "dither_bits", "competitors",
+                   "bias_correction", "input_noise", "smoothed_probes", "smoothed_bits"),
     "hypotheses": ("bits", "n_components", "layers"),
     "activations": ("n", "calibration", "grid", "granularity", "int8"),
     "compression": ("n", "families", "max_flip_rate"),
@@ -97,6 +97,7 @@ _TOML_KEY: dict[str, str] = {
     "n_realizations": "last_layer.n_realizations", "problems": "last_layer.problems",
     "all_layers_bits": "all_layers.bits", "all_layers_n": "all_layers.n",
     "all_layers_dither": "all_layers.dither_realizations",
+    "all_layers_dither_bits": "all_layers.dither_bits",
     "all_layers_competitors": "all_layers.competitors",
     "all_layers_bias_correction": "all_layers.bias_correction",
     "all_layers_input_noise": "all_layers.input_noise",
@@ -222,6 +223,7 @@ class ExperimentConfig:
     all_layers_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     all_layers_n: int = 2000
     all_layers_dither: int = 0
+    all_layers_dither_bits: tuple[int, ...] | None = None
     all_layers_competitors: int | None = None
     all_layers_bias_correction: int = 0
     all_layers_input_noise: int = 0
@@ -296,6 +298,9 @@ class ExperimentConfig:
         _check_int(k["all_layers_dither"], self.all_layers_dither, 0, " (0: no level 3N)")
         if self.all_layers_dither == 1:
             raise ValueError(f"{k['all_layers_dither']} must be 0 (no level 3N) or at least 2")
+        if self.all_layers_dither_bits is not None:
+            set_(self, "all_layers_dither_bits",
+                 _check_bits(k["all_layers_dither_bits"], self.all_layers_dither_bits))
         if self.all_layers_competitors is not None:
             _check_int(k["all_layers_competitors"], self.all_layers_competitors, 1,
                        " (runners-up kept per image)")  # fmt: skip
@@ -427,7 +432,8 @@ class ExperimentConfig:
         if "problems" in kw:
             kw["problems"] = _problems(kw["problems"])
         for key in ("granularity", "last_layer_bits", "all_layers_bits", "hypotheses_bits",
-                    "all_layers_smoothed_bits", "stages", "activations_grid",
+                    "all_layers_smoothed_bits", "all_layers_dither_bits", "stages",
+                    "activations_grid",
                     "activations_granularity", "activations_int8", "compression_families"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
@@ -923,6 +929,7 @@ def run_experiment(
                                 seed=config.seed,
                                 progress=progress,
                                 n_dither_realizations=config.all_layers_dither,
+                                dither_bits=config.all_layers_dither_bits,
                                 **extra,
                                 **smooth,
                             )  # fmt: skip
@@ -1013,7 +1020,7 @@ def _bias_corrected_stage(
     return compare_all_layers(
         model, images, quantizers, model_name=name, cache_dir=cache, seed=config.seed,
         progress=progress, n_dither_realizations=config.all_layers_dither,
-        bias_correction=means, **extra,
+        dither_bits=config.all_layers_dither_bits, bias_correction=means, **extra,
     )  # fmt: skip
 
 
@@ -1166,6 +1173,8 @@ SUMMARY_CSV_COLUMNS: dict[str, str] = {
     "(all_layers.input_noise > 0; empty elsewhere)",
     "band_coverage_L3S": "the same for the band of level L3S, where it was run "
     "(all_layers.smoothed_probes > 0; empty elsewhere)",
+    "band_coverage_L3N": "the same for the band of level L3N, the dithered networks, where "
+    "it was run (all_layers.dither_realizations > 0; empty elsewhere)",
     "sakr_vacuous_share": "share of the group's cells where Sakr's published bound is >= 1",
     "cells": "number of cells (bit-widths) in the group",
     "bits_min": "smallest bit-width of the group (integer)",
@@ -1365,6 +1374,12 @@ def summary_table(
             "L3S: L3L moved by the mean of the network whose ReLUs are smoothed by the noise "
             "each one sees (all_layers.smoothed_probes, theory/multilayer.md eq. L31), "
             "'L3S band' the coverage of its band."
+        )
+    if any(c.startswith("L3N") for c in cols):
+        lines.append(
+            "L3N: the mean of dithered networks, every layer with a subtractive-dither error of "
+            "its real step run through the real network (all_layers.dither_realizations: H_U "
+            "exact, nothing linearized), 'L3N band' the coverage of their order-statistic band."
         )
     if verdicts is not None and len(verdicts):
         lines.append(
