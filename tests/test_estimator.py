@@ -427,7 +427,7 @@ def test_dithered_prediction_is_the_mean_and_order_statistics_of_dithered_networ
     net, x, y, est = fitted
     alloc = {LAYERS[0]: None, **dict.fromkeys(LAYERS[1:], 3)}  # the first stays float
     pred = est.dithered_prediction(net, (x, y), alloc, repeats=40)
-    assert pred.level == "3N" and pred.n_samples == len(y)
+    assert pred.level == "3N" and pred.n_samples == len(y) and pred.coverage == est.coverage
     base = realization_seed(est.seed, 3)
     with torch.no_grad():
         z0 = net(x).argmax(1)

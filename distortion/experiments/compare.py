@@ -657,7 +657,7 @@ def _dither_prediction(m: Any, repeats: int, coverage: float) -> Prediction:
         accuracy_loss_stderr=m.accuracy_loss_stderr,
         accuracy_loss_band=order_statistic_band(np.rint(losses * n), n, coverage),
         accuracy_float=m.accuracy_float, accuracy_compressed=m.accuracy, n_samples=n,
-        method=f"dither x {int(repeats)}",
+        coverage=coverage, method=f"dither x {int(repeats)}",
     )  # fmt: skip
 
 
@@ -696,7 +696,7 @@ def dithered_prediction(
     layers : "all", "last" or list of str
         Ignored when ``quantizer`` is a dict.
     repeats : int
-        Dithered networks; a 95 % band needs at least 39 (:func:`min_realizations`).
+        Dithered networks; a 95 % band needs at least 39 (``min_realizations`` of eq. L15).
     seed : int
         Seed of the dither draws.
     coverage : float
