@@ -720,21 +720,20 @@ def dithered_prediction(
             f"repeats={repeats} cannot give a {coverage:.0%} band: it needs at least "
             f"{min_realizations(coverage)} dithered networks"
         )
-    qs = quantizer if isinstance(quantizer, dict) else {None: quantizer}
+    per_layer = isinstance(quantizer, dict)
+    qs = quantizer if per_layer else {None: quantizer}
+    if not qs:
+        raise ValueError("quantizer is an empty dict: name at least one layer")
     for q in qs.values():
         if not isinstance(q, UniformQuantizer):
             raise ValueError(
                 f"quantizer must be a UniformQuantizer or a dict of them, got {type(q).__name__}"
             )
-    if isinstance(quantizer, dict):
-        if not quantizer:
-            raise ValueError("quantizer is an empty dict: name at least one layer")
-        dq: Any = {k: replace(q, rounding="dither") for k, q in quantizer.items()}
-    else:
-        dq = replace(quantizer, rounding="dither")
+    dq = {k: replace(q, rounding="dither") for k, q in qs.items()}
     m = _dither_measurement(
-        model, data, dq, layers, reference_logits, repeats, seed, progress, bias_correction
-    )
+        model, data, dq if per_layer else dq[None], layers, reference_logits, repeats, seed,
+        progress, bias_correction,
+    )  # fmt: skip
     return _dither_prediction(m, int(repeats), coverage)
 
 
